@@ -1,0 +1,246 @@
+//! Configuration: the one `SdkConfig` builder (standard AWS environment: `AWS_ENDPOINT_URL`,
+//! `AWS_REGION`, `AWS_PROFILE`, the credentials chain) and agentq's own settings, read from
+//! flags with `AGENTQ_*` environment fallbacks and validated once into [`Settings`].
+
+use aws_config::{BehaviorVersion, SdkConfig};
+
+use crate::layout::Layout;
+
+/// Default SSM path prefix for job secrets.
+pub const DEFAULT_SECRETS_PREFIX: &str = "/agentq/secrets/";
+
+/// Loads the AWS configuration from the standard environment and profile files.
+///
+/// Switching to a local emulator is one variable: `AWS_ENDPOINT_URL`. Retries use the
+/// SDK's standard mode (3 attempts, exponential backoff with jitter).
+pub async fn load_sdk_config() -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest()).load().await
+}
+
+/// The AWS clients agentq uses, built once from one `SdkConfig`.
+#[derive(Debug, Clone)]
+pub struct AwsClients {
+    pub sqs: aws_sdk_sqs::Client,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub s3: aws_sdk_s3::Client,
+    pub ssm: aws_sdk_ssm::Client,
+}
+
+impl AwsClients {
+    pub fn new(sdk: &SdkConfig) -> Self {
+        Self {
+            sqs: aws_sdk_sqs::Client::new(sdk),
+            dynamodb: aws_sdk_dynamodb::Client::new(sdk),
+            s3: s3_client(sdk),
+            ssm: aws_sdk_ssm::Client::new(sdk),
+        }
+    }
+}
+
+/// An S3 client; path-style addressing when an endpoint override is set (emulators on
+/// `127.0.0.1`/`localhost` cannot serve virtual-host-style bucket names).
+pub fn s3_client(sdk: &SdkConfig) -> aws_sdk_s3::Client {
+    let overridden =
+        sdk.endpoint_url().is_some() || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
+    let conf = aws_sdk_s3::config::Builder::from(sdk)
+        .force_path_style(overridden)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// agentq's settings as given on the command line or in the environment.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SettingsArgs {
+    /// URL of the jobs queue.
+    #[arg(long, env = "AGENTQ_QUEUE_URL", global = true)]
+    pub queue_url: Option<String>,
+    /// URL of the dead-letter queue (failure records, redriven messages).
+    #[arg(long, env = "AGENTQ_DLQ_URL", global = true)]
+    pub dlq_url: Option<String>,
+    /// Name of the DynamoDB jobs table.
+    #[arg(long, env = "AGENTQ_TABLE", global = true)]
+    pub table: Option<String>,
+    /// S3 bucket for logs, manifests, artifacts and large specs.
+    #[arg(long, env = "AGENTQ_BUCKET", global = true)]
+    pub bucket: Option<String>,
+    /// Key prefix inside the bucket.
+    #[arg(long, env = "AGENTQ_PREFIX", global = true)]
+    pub prefix: Option<String>,
+    /// SSM path prefix that job secrets must sit under.
+    #[arg(long, env = "AGENTQ_SECRETS_PREFIX", global = true)]
+    pub secrets_prefix: Option<String>,
+}
+
+/// A setting that is missing or malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "{what} is not set: pass --{flag} or export {env} (for a local emulator, `eval \"$(localdev/up)\"` sets it)"
+    )]
+    Missing {
+        what: &'static str,
+        flag: &'static str,
+        env: &'static str,
+    },
+    #[error("{env}={value:?} is not valid: {why}")]
+    Invalid {
+        env: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+/// Validated settings. Each component needs only some of them; accessors say which is
+/// missing and how to set it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    queue_url: Option<String>,
+    dlq_url: Option<String>,
+    table: Option<String>,
+    bucket: Option<String>,
+    layout: Layout,
+    secrets_prefix: String,
+}
+
+impl Settings {
+    /// Validates what was given; missing values are reported when first needed.
+    pub fn from_args(args: &SettingsArgs) -> Result<Self, ConfigError> {
+        for (env, v) in [
+            ("AGENTQ_QUEUE_URL", &args.queue_url),
+            ("AGENTQ_DLQ_URL", &args.dlq_url),
+        ] {
+            if let Some(url) = v
+                && !(url.starts_with("https://") || url.starts_with("http://"))
+            {
+                return Err(ConfigError::Invalid {
+                    env,
+                    value: url.clone(),
+                    why: "a queue URL starts with https:// (see `aws sqs get-queue-url`)".into(),
+                });
+            }
+        }
+        if let Some(b) = &args.bucket
+            && (b.len() < 3 || b.len() > 63 || b.contains('/'))
+        {
+            return Err(ConfigError::Invalid {
+                env: "AGENTQ_BUCKET",
+                value: b.clone(),
+                why: "a bucket name is 3-63 characters without '/'".into(),
+            });
+        }
+        let secrets_prefix = args
+            .secrets_prefix
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SECRETS_PREFIX.to_owned());
+        if !secrets_prefix.starts_with('/') || secrets_prefix.contains("..") {
+            return Err(ConfigError::Invalid {
+                env: "AGENTQ_SECRETS_PREFIX",
+                value: secrets_prefix,
+                why: "use an absolute SSM path such as /agentq/secrets/".into(),
+            });
+        }
+        let secrets_prefix = if secrets_prefix.ends_with('/') {
+            secrets_prefix
+        } else {
+            format!("{secrets_prefix}/")
+        };
+        Ok(Self {
+            queue_url: args.queue_url.clone().filter(|s| !s.is_empty()),
+            dlq_url: args.dlq_url.clone().filter(|s| !s.is_empty()),
+            table: args.table.clone().filter(|s| !s.is_empty()),
+            bucket: args.bucket.clone().filter(|s| !s.is_empty()),
+            layout: Layout::new(
+                args.prefix
+                    .as_deref()
+                    .unwrap_or(crate::layout::DEFAULT_PREFIX),
+            ),
+            secrets_prefix,
+        })
+    }
+
+    pub fn queue_url(&self) -> Result<&str, ConfigError> {
+        self.queue_url.as_deref().ok_or(ConfigError::Missing {
+            what: "the jobs queue URL",
+            flag: "queue-url",
+            env: "AGENTQ_QUEUE_URL",
+        })
+    }
+    pub fn dlq_url(&self) -> Result<&str, ConfigError> {
+        self.dlq_url.as_deref().ok_or(ConfigError::Missing {
+            what: "the dead-letter queue URL",
+            flag: "dlq-url",
+            env: "AGENTQ_DLQ_URL",
+        })
+    }
+    pub fn table(&self) -> Result<&str, ConfigError> {
+        self.table.as_deref().ok_or(ConfigError::Missing {
+            what: "the jobs table name",
+            flag: "table",
+            env: "AGENTQ_TABLE",
+        })
+    }
+    pub fn bucket(&self) -> Result<&str, ConfigError> {
+        self.bucket.as_deref().ok_or(ConfigError::Missing {
+            what: "the logs bucket",
+            flag: "bucket",
+            env: "AGENTQ_BUCKET",
+        })
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    pub fn secrets_prefix(&self) -> &str {
+        &self.secrets_prefix
+    }
+    /// The validation context for job specs under these settings.
+    pub fn validation(&self) -> crate::spec::ValidationContext {
+        crate::spec::ValidationContext {
+            secrets_prefix: self.secrets_prefix.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_settings_name_the_env_var() {
+        let s = Settings::from_args(&SettingsArgs::default()).unwrap();
+        let e = s.queue_url().unwrap_err().to_string();
+        assert!(
+            e.contains("AGENTQ_QUEUE_URL") && e.contains("--queue-url"),
+            "{e}"
+        );
+        assert_eq!(s.secrets_prefix(), "/agentq/secrets/");
+        assert_eq!(s.layout().prefix(), "agentq");
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let args = SettingsArgs {
+            queue_url: Some("my-queue".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Settings::from_args(&args),
+            Err(ConfigError::Invalid {
+                env: "AGENTQ_QUEUE_URL",
+                ..
+            })
+        ));
+        let args = SettingsArgs {
+            secrets_prefix: Some("agentq".into()),
+            ..Default::default()
+        };
+        assert!(Settings::from_args(&args).is_err());
+        let args = SettingsArgs {
+            secrets_prefix: Some("/team/a".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Settings::from_args(&args).unwrap().secrets_prefix(),
+            "/team/a/"
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! agentq's core: the job spec and its validation, ids, the job state machine and failure
+//! causes, the storage layout (S3 keys, DynamoDB attributes), the jobs-table operations,
+//! the DLQ failure record and the SQS Extended Client payload format, and the one AWS
+//! configuration builder every binary uses.
+
+pub mod aws;
+pub mod config;
+pub mod failure;
+pub mod ids;
+pub mod layout;
+pub mod payload;
+pub mod record;
+pub mod spec;
+pub mod state;
+pub mod store;
+
+pub use config::{AwsClients, ConfigError, Settings, SettingsArgs, load_sdk_config};
+pub use ids::{Attempt, JobId};
+pub use layout::{Layout, Stream};
+pub use record::{Decision, JobRecord, Progress};
+pub use spec::{AgentPreset, JobSpec, SpecError, ValidSpec};
+pub use state::{FailureCause, JobState};
+pub use store::{JobStore, StoreError};

@@ -1,0 +1,124 @@
+//! Large specs: the Amazon SQS Extended Client payload format, so Java and Python
+//! producers using that library interoperate with agentq in both directions.
+//!
+//! Body: `["software.amazon.payloadoffloading.PayloadS3Pointer",{"s3BucketName":"B","s3Key":"K"}]`
+//! with the numeric message attribute `ExtendedPayloadSize` (older clients:
+//! `SQSLargePayloadSize`) giving the payload's size in bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// The class name the Extended Client writes as the first array element.
+pub const POINTER_CLASS: &str = "software.amazon.payloadoffloading.PayloadS3Pointer";
+/// Message attribute carrying the payload size (current clients).
+pub const SIZE_ATTRIBUTE: &str = "ExtendedPayloadSize";
+/// Message attribute used by older clients.
+pub const LEGACY_SIZE_ATTRIBUTE: &str = "SQSLargePayloadSize";
+/// Default size above which the producer offloads a spec (the SQS default maximum is
+/// 256 KiB; leave room for attributes).
+pub const DEFAULT_OFFLOAD_THRESHOLD: usize = 200 * 1024;
+
+/// Where an offloaded payload lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadPointer {
+    #[serde(rename = "s3BucketName")]
+    pub bucket: String,
+    #[serde(rename = "s3Key")]
+    pub key: String,
+}
+
+impl PayloadPointer {
+    /// The message body for this pointer.
+    pub fn to_body(&self) -> String {
+        serde_json::json!([POINTER_CLASS, self]).to_string()
+    }
+
+    /// Reads a pointer body; `None` for anything else (e.g. a plain spec).
+    pub fn parse(body: &str) -> Option<Self> {
+        let trimmed = body.trim_start();
+        if !trimmed.starts_with('[') {
+            return None;
+        }
+        let (class, ptr): (String, PayloadPointer) = serde_json::from_str(trimmed).ok()?;
+        (class == POINTER_CLASS).then_some(ptr)
+    }
+}
+
+/// Resolving a pointer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("payload s3://{bucket}/{key} could not be read: {message}")]
+    Fetch {
+        bucket: String,
+        key: String,
+        transient: bool,
+        message: String,
+    },
+    #[error("payload s3://{bucket}/{key} is not UTF-8 text")]
+    NotText { bucket: String, key: String },
+}
+
+impl PayloadError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Fetch {
+                transient: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Returns the message's real body: the body itself, or the S3 object a pointer names.
+pub async fn resolve_body(s3: &aws_sdk_s3::Client, body: &str) -> Result<String, PayloadError> {
+    let Some(ptr) = PayloadPointer::parse(body) else {
+        return Ok(body.to_owned());
+    };
+    let fetch_err = |transient: bool, message: String| PayloadError::Fetch {
+        bucket: ptr.bucket.clone(),
+        key: ptr.key.clone(),
+        transient,
+        message,
+    };
+    let out = s3
+        .get_object()
+        .bucket(&ptr.bucket)
+        .key(&ptr.key)
+        .send()
+        .await
+        .map_err(|e| fetch_err(crate::aws::is_transient(&e), crate::aws::display(&e)))?;
+    let bytes = out
+        .body
+        .collect()
+        .await
+        .map_err(|e| fetch_err(true, e.to_string()))?
+        .into_bytes();
+    String::from_utf8(bytes.to_vec()).map_err(|_| PayloadError::NotText {
+        bucket: ptr.bucket.clone(),
+        key: ptr.key.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointer_round_trip_matches_the_extended_client_format() {
+        let p = PayloadPointer {
+            bucket: "b".into(),
+            key: "agentq/payloads/x.json".into(),
+        };
+        let body = p.to_body();
+        assert_eq!(
+            body,
+            r#"["software.amazon.payloadoffloading.PayloadS3Pointer",{"s3BucketName":"b","s3Key":"agentq/payloads/x.json"}]"#
+        );
+        assert_eq!(PayloadPointer::parse(&body), Some(p));
+        assert_eq!(PayloadPointer::parse(r#"{"spec_version":1}"#), None);
+        assert_eq!(
+            PayloadPointer::parse(r#"["other.Class",{"s3BucketName":"b","s3Key":"k"}]"#),
+            None
+        );
+    }
+}
