@@ -242,3 +242,16 @@ mod tests {
         );
     }
 }
+
+/// SQS message attributes agentq reads or writes.
+pub mod msg_attr {
+    /// Number: epoch millis before which the job must not start. The dispatcher sets it
+    /// for backoffs longer than SQS' 900 s `DelaySeconds` cap; an agent that receives the
+    /// message early sends it again with the remaining delay (chained) and acknowledges
+    /// the early copy.
+    pub const NOT_BEFORE: &str = "agentq-not-before";
+    /// String: the job id, so tools can route or inspect without parsing the body.
+    pub const JOB_ID: &str = "agentq-job-id";
+    /// String: `failure` on explicit failure records sent to the DLQ.
+    pub const RECORD_TYPE: &str = "agentq-record-type";
+}
