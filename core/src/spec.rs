@@ -123,6 +123,12 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9-]{1,32}$"))]
     pub tier: Option<String>,
+    /// Ask for the function's own AWS credentials in the child's environment. Refused
+    /// (as `secret_denied`) unless the operator allows it on the agent
+    /// (`AGENTQ_ALLOW_JOB_AWS_CREDENTIALS=true`). Default false: the child gets no AWS
+    /// credentials at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_credentials: Option<bool>,
     /// Extension fields: any key starting with `x-`, kept and passed through untouched.
     /// (Kept out of the derived serde impls so that `deny_unknown_fields` holds for the
     /// rest; [`JobSpec::from_json`] and [`JobSpec::to_json`] handle them.)
@@ -240,6 +246,7 @@ impl JobSpec {
             max_attempts: None,
             resume: None,
             tier: None,
+            aws_credentials: None,
             extensions: BTreeMap::new(),
         }
     }
@@ -557,6 +564,7 @@ pub const KNOWN_FIELDS: &[&str] = &[
     "max_attempts",
     "resume",
     "tier",
+    "aws_credentials",
 ];
 
 fn field_of_serde_error(msg: &str) -> String {

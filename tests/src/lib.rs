@@ -7,6 +7,8 @@
 //! `127.0.0.1:$AGENTQ_TEST_PORT` (default 4598) under a file lock, and leaves it running
 //! for the next test process; `localdev/down`-style cleanup is the test command's job.
 
+pub mod runtime_api;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

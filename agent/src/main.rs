@@ -1,0 +1,188 @@
+//! `agentq-agent`: parse the configuration, build the AWS clients once, run a front end.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentq_agent::poll::{self, PollOptions};
+use agentq_agent::{AgentArgs, AgentConfig, Deps, Invocation, handle_batch};
+use agentq_core::{AwsClients, Settings, SettingsArgs};
+use anyhow::Context;
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// Runs agentq jobs: one per SQS message.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about,
+    after_help = "Exit codes: 0 ok; 2 bad configuration or input; 4 a `run` job did not succeed; 1 other errors."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    settings: SettingsArgs,
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the Lambda Runtime API (the default when AWS_LAMBDA_RUNTIME_API is set).
+    Lambda,
+    /// Poll an SQS queue and play the event source mapping locally.
+    Poll {
+        /// Messages per batch (1-10).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=10))]
+        batch_size: i32,
+        /// Seconds to wait to fill a batch.
+        #[arg(long, default_value_t = 0.0)]
+        batching_window_seconds: f64,
+        /// Batches handled at once.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Simulated function timeout per batch, in seconds.
+        #[arg(long, default_value_t = 900)]
+        function_timeout_seconds: u64,
+        /// Long-poll wait per receive, in seconds (0-20).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=20))]
+        wait_seconds: u64,
+        /// Exit when the queue is empty and nothing runs.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Run one job spec file with a simulated deadline (local debugging).
+    Run {
+        /// The job spec (JSON), or - for stdin.
+        #[arg(long)]
+        job: PathBuf,
+        /// Simulated invocation length.
+        #[arg(long, default_value_t = 900)]
+        deadline_seconds: u64,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,aws=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr);
+    if std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some() {
+        builder.json().init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received; draining");
+        t.cancel();
+    });
+    token
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    init_tracing();
+    match real_main().await {
+        Ok(code) => code,
+        Err(e) => {
+            let usage = e.downcast_ref::<agentq_core::ConfigError>().is_some()
+                || e.downcast_ref::<agentq_agent::config::AgentConfigError>()
+                    .is_some();
+            eprintln!("agentq-agent: {e:#}");
+            std::process::ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+async fn real_main() -> anyhow::Result<std::process::ExitCode> {
+    let cli = Cli::parse();
+    let settings = Settings::from_args(&cli.settings)?;
+    let config = AgentConfig::from_args(&cli.agent)?;
+    let sdk = agentq_core::load_sdk_config().await;
+    let deps = Arc::new(Deps::new(AwsClients::new(&sdk), settings, config)?);
+    let command = cli
+        .command
+        .unwrap_or(if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
+            Command::Lambda
+        } else {
+            anyhow::bail!("no command: use `lambda`, `poll` or `run` (see --help)")
+        });
+    match command {
+        Command::Lambda => {
+            agentq_agent::lambda::run(deps)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Command::Poll {
+            batch_size,
+            batching_window_seconds,
+            concurrency,
+            function_timeout_seconds,
+            wait_seconds,
+            once,
+        } => {
+            let queue_url = deps.settings.queue_url()?.to_owned();
+            let opts = PollOptions {
+                queue_url,
+                batch_size,
+                batching_window: Duration::from_secs_f64(batching_window_seconds.clamp(0.0, 300.0)),
+                concurrency,
+                function_timeout: Duration::from_secs(function_timeout_seconds),
+                once,
+                drain_timeout: deps.config.reserve + deps.config.grace + Duration::from_secs(5),
+                wait_time: Duration::from_secs(wait_seconds),
+            };
+            let stats = poll::run(deps, opts, shutdown_on_signals()).await?;
+            eprintln!(
+                "received {} deleted {} left for retry {}",
+                stats.received, stats.deleted, stats.failed
+            );
+        }
+        Command::Run {
+            job,
+            deadline_seconds,
+        } => {
+            let body = if job.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(&job)
+                    .with_context(|| format!("reading {}", job.display()))?
+            };
+            let mut m = SqsMessage::default();
+            m.message_id = Some(format!("local-{}", ulid::Ulid::new()));
+            m.body = Some(body);
+            let mut event = SqsEvent::default();
+            event.records.push(m);
+            let inv = Invocation {
+                request_id: format!("run-{}", ulid::Ulid::new()),
+                deadline: tokio::time::Instant::now() + Duration::from_secs(deadline_seconds),
+            };
+            let resp = handle_batch(&deps, event, &inv, &shutdown_on_signals()).await;
+            println!("{}", serde_json::to_string(&resp)?);
+            if !resp.batch_item_failures.is_empty() {
+                return Ok(std::process::ExitCode::from(4));
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
