@@ -118,13 +118,11 @@ async fn real_main() -> anyhow::Result<std::process::ExitCode> {
     let config = AgentConfig::from_args(&cli.agent)?;
     let sdk = agentq_core::load_sdk_config().await;
     let deps = Arc::new(Deps::new(AwsClients::new(&sdk), settings, config)?);
-    let command = cli
-        .command
-        .unwrap_or(if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
-            Command::Lambda
-        } else {
-            anyhow::bail!("no command: use `lambda`, `poll` or `run` (see --help)")
-        });
+    let command = match cli.command {
+        Some(c) => c,
+        None if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => Command::Lambda,
+        None => anyhow::bail!("no command: use `lambda`, `poll` or `run` (see --help)"),
+    };
     match command {
         Command::Lambda => {
             agentq_agent::lambda::run(deps)
