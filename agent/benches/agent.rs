@@ -1,1 +1,215 @@
-fn main() {}
+//! Agent benchmarks (a bench binary, not timed tests), against the local emulator:
+//!
+//! 1. exec → first Runtime API `/next` (cold start of the `lambda` front end);
+//! 2. per-job overhead around a child that exits at once, next to the raw emulator
+//!    round trips such a job needs;
+//! 3. log throughput and peak RSS for 100 MB of child output;
+//! 4. the agent binary's size.
+//!
+//! Run: `cargo bench -p agentq-agent --bench agent` (starts the emulator if needed).
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentq_agent::{AgentArgs, AgentConfig, Deps, Invocation, handle_batch};
+use agentq_core::record::now_ms;
+use agentq_testkit::runtime_api::{RuntimeApi, lambda_env};
+use agentq_testkit::{Resources, fixture, resources};
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use aws_sdk_dynamodb::types::AttributeValue;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Wrap {
+    #[command(flatten)]
+    a: AgentArgs,
+}
+
+const AGENT: &str = env!("CARGO_BIN_EXE_agentq-agent");
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn cold_start(r: &Resources) -> Duration {
+    let mut samples = Vec::new();
+    for _ in 0..10 {
+        let api = RuntimeApi::start().await;
+        let t = Instant::now();
+        let mut child = Command::new(AGENT)
+            .env_clear()
+            .envs(r.env())
+            .envs(lambda_env(&api))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn agent");
+        while api.first_next().is_none() {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        samples.push(api.first_next().unwrap() - t);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    median(samples)
+}
+
+async fn per_job(r: &Resources, work: &std::path::Path) -> (Duration, Duration) {
+    let root = work.display().to_string();
+    let cfg = AgentConfig::from_args(&Wrap::parse_from(["b", "--work-root", &root]).a).unwrap();
+    let deps = Arc::new(Deps::new(r.clients(), r.settings(), cfg).unwrap());
+    let n = 20;
+    let t = Instant::now();
+    for i in 0..n {
+        let mut m = SqsMessage::default();
+        m.message_id = Some(format!("m{i}"));
+        m.body = Some(format!(
+            r#"{{"spec_version":1,"job_id":"bench-{i}","agent":"command","command":["true"]}}"#
+        ));
+        let mut e = SqsEvent::default();
+        e.records.push(m);
+        let inv = Invocation {
+            request_id: "bench".into(),
+            deadline: tokio::time::Instant::now() + Duration::from_secs(60),
+        };
+        let resp = handle_batch(&deps, e, &inv, &CancellationToken::new()).await;
+        assert!(resp.batch_item_failures.is_empty());
+    }
+    let job = t.elapsed() / n;
+
+    // The emulator round trips one such job needs: claim (GetItem + PutItem), finish
+    // (GetItem + UpdateItem), result.json (PutObject).
+    let ddb = r.clients().dynamodb;
+    let s3 = r.clients().s3;
+    let t = Instant::now();
+    for i in 0..n {
+        let key = AttributeValue::S(format!("raw-{i}"));
+        ddb.get_item()
+            .table_name(&r.table)
+            .key("job_id", key.clone())
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap();
+        ddb.put_item()
+            .table_name(&r.table)
+            .item("job_id", key.clone())
+            .item("status", AttributeValue::S("RUNNING".into()))
+            .item("updated_at", AttributeValue::N(now_ms().to_string()))
+            .send()
+            .await
+            .unwrap();
+        ddb.get_item()
+            .table_name(&r.table)
+            .key("job_id", key.clone())
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap();
+        ddb.update_item()
+            .table_name(&r.table)
+            .key("job_id", key)
+            .update_expression("SET #s = :s")
+            .expression_attribute_names("#s", "status")
+            .expression_attribute_values(":s", AttributeValue::S("SUCCEEDED".into()))
+            .send()
+            .await
+            .unwrap();
+        s3.put_object()
+            .bucket(&r.bucket)
+            .key(format!("raw/{i}.json"))
+            .body(b"{}".to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    (job, t.elapsed() / n)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn flood(r: &Resources, work: &std::path::Path) -> (Duration, u64, u64) {
+    const BYTES: u64 = 100 * 1000 * 1000;
+    let spec = work.join("flood.json");
+    std::fs::write(
+        &spec,
+        serde_json::json!({"spec_version":1,"job_id":"bench-flood","agent":"command",
+            "command":[fixture("fake-agent").display().to_string(), "--fake-flood", BYTES.to_string()]})
+        .to_string(),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let mut child = Command::new(AGENT)
+        .args([
+            "run",
+            "--job",
+            spec.to_str().unwrap(),
+            "--deadline-seconds",
+            "600",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(r.env())
+        .env("AGENTQ_WORK_ROOT", work.join("ws"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut peak = 0;
+    loop {
+        if let Some(p) = rss_kib(pid) {
+            peak = peak.max(p);
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (t.elapsed(), BYTES, peak)
+}
+
+#[tokio::main]
+async fn main() {
+    let r = resources().await;
+    let work = tempfile::tempdir().unwrap();
+    println!("agentq-agent benchmarks (emulator at {})", r.endpoint);
+    let cold = cold_start(&r).await;
+    println!("exec -> first /next (median of 10):     {}", ms(cold));
+    let (job, raw) = per_job(&r, work.path()).await;
+    println!("per job, child `true` (mean of 20):      {}", ms(job));
+    println!(
+        "  raw round trips it needs (2 Get, Put, Update, PutObject): {}",
+        ms(raw)
+    );
+    println!(
+        "  agent overhead beyond them:            {}",
+        ms(job.saturating_sub(raw))
+    );
+    let (took, bytes, peak) = flood(&r, work.path()).await;
+    println!(
+        "100 MB of child output: {:.1} s wall, {:.1} MB/s, peak RSS {:.1} MiB",
+        took.as_secs_f64(),
+        bytes as f64 / 1e6 / took.as_secs_f64(),
+        peak as f64 / 1024.0
+    );
+    let size = std::fs::metadata(AGENT).map(|m| m.len()).unwrap_or(0);
+    println!("agent binary ({AGENT}): {:.1} MB", size as f64 / 1e6);
+}
