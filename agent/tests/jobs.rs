@@ -62,10 +62,9 @@ async fn success_records_logs_events_manifest_and_artifacts() {
         64
     );
     assert!(
-        r.object(&l.artifact(&job, a, "out-0.txt").unwrap())
+        !r.object(&l.artifact(&job, a, "out-0.txt").unwrap())
             .await
-            .len()
-            > 0
+            .is_empty()
     );
     assert_eq!(rec.result_key.as_deref(), Some(l.result(&job, a).as_str()));
     // The workspace is gone; nothing is left on the queue for the DLQ.

@@ -714,6 +714,8 @@ impl JobStore {
 
     /// A dispatcher decision: moves `expected_state`/`expected_attempt` to `to`,
     /// conditionally, so a duplicate DLQ message cannot apply twice.
+    // The fence (expected state + attempt) and the change are deliberately explicit.
+    #[allow(clippy::too_many_arguments)]
     pub async fn replan(
         &self,
         job: &JobId,
@@ -811,7 +813,7 @@ impl JobStore {
                 cursor = next;
             }
         }
-        all.sort_by(|a, b| b.updated_at.cmp(&a.updated_at));
+        all.sort_by_key(|r| std::cmp::Reverse(r.updated_at));
         all.truncate(limit);
         Ok(all)
     }

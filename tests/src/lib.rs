@@ -150,7 +150,10 @@ fn ensure_moto(port: u16) -> String {
         std::fs::File::create(std::env::temp_dir().join(format!("agentq-test-moto-{port}.log")))
             .expect("log file");
     use std::os::unix::process::CommandExt;
-    Command::new("python3")
+    // Deliberately detached: the emulator outlives this test process so the next one
+    // reuses it; the test command stops it at the end.
+    #[allow(clippy::zombie_processes)]
+    let _detached = Command::new("python3")
         .args([
             "-m",
             "moto.server",
