@@ -1,0 +1,485 @@
+//! Re-plan policy: the raw configuration (a TOML or JSON file plus flags), its validation
+//! into [`Policy`] with parsed durations and an ordered list of capacity tiers, and the
+//! backoff math.
+//!
+//! ```toml
+//! stale_after = "15m"          # a RUNNING lease whose heartbeat is older is a crash
+//! resend_after = "2m"          # a decision not marked enqueued after this is re-sent
+//! max_segments = 8             # resumed segments per job
+//! escalate_after_crashes = 2   # crashes on one tier before moving to the next (OOM)
+//!
+//! [[tiers]]                    # escalation order; "default" is the jobs queue unless listed
+//! name = "large"
+//! queue_url = "https://sqs.us-east-1.amazonaws.com/123456789012/agentq-large"
+//!
+//! [causes.infra_transient]
+//! base_delay = "10s"
+//! max_delay = "5m"
+//! max_attempts = 5             # optional cap; the spec's max_attempts (default 3) applies too
+//!
+//! [causes.crashed]
+//! base_delay = "30s"
+//! max_delay = "15m"
+//!
+//! [causes.timed_out]
+//! escalate_to = "large"        # default: the tier after the job's current one
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::PolicyError;
+
+/// SQS' largest `DelaySeconds` (AWS).
+pub const SQS_MAX_DELAY_SECONDS: u64 = 900;
+/// Longest backoff accepted (chained through `agentq-not-before`).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(12 * 3600);
+/// The tier of a job that names none; its queue is the jobs queue unless listed.
+pub const DEFAULT_TIER: &str = "default";
+
+/// One cause's settings as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCausePolicy {
+    /// First retry delay (humantime, e.g. `10s`).
+    pub base_delay: Option<String>,
+    /// Largest retry delay; above 15 min the delay is chained.
+    pub max_delay: Option<String>,
+    /// Cap on attempts for this cause (the spec's `max_attempts` applies as well).
+    pub max_attempts: Option<u32>,
+    /// Tier to escalate to instead of the next one in order.
+    pub escalate_to: Option<String>,
+}
+
+/// A capacity tier as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub name: String,
+    pub queue_url: String,
+}
+
+/// The policy file as written. Every field is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub stale_after: Option<String>,
+    pub resend_after: Option<String>,
+    pub max_segments: Option<u32>,
+    pub escalate_after_crashes: Option<u32>,
+    #[serde(default)]
+    pub tiers: Vec<RawTier>,
+    #[serde(default)]
+    pub causes: BTreeMap<String, RawCausePolicy>,
+}
+
+impl RawPolicy {
+    /// Reads a policy file: JSON when the name ends in `.json`, TOML otherwise.
+    pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parsed = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| e.to_string())
+        } else {
+            toml::from_str(&text).map_err(|e| e.to_string())
+        };
+        parsed.map_err(|why| PolicyError::Parse {
+            path: path.to_path_buf(),
+            why,
+        })
+    }
+}
+
+/// The causes a policy can configure.
+pub const CAUSES: [&str; 7] = [
+    "infra_transient",
+    "crashed",
+    "timed_out",
+    "invalid_spec",
+    "secret_denied",
+    "agent_exit",
+    "cancelled",
+];
+
+/// One cause's validated settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CausePolicy {
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    pub max_attempts: Option<u32>,
+    pub escalate_to: Option<String>,
+}
+
+impl CausePolicy {
+    fn defaults(cause: &str) -> Self {
+        let (base, max) = match cause {
+            "infra_transient" => (10, 300),
+            "crashed" => (30, 900),
+            _ => (0, 0),
+        };
+        Self {
+            base_delay: Duration::from_secs(base),
+            max_delay: Duration::from_secs(max),
+            max_attempts: None,
+            escalate_to: None,
+        }
+    }
+}
+
+/// A capacity tier: a name and the queue its agents read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tier {
+    pub name: String,
+    pub queue_url: String,
+}
+
+/// The validated re-plan policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// A RUNNING lease whose heartbeat is older than this is a crash.
+    pub stale_after: Duration,
+    /// A plan not marked enqueued this long after it was written is re-sent.
+    pub resend_after: Duration,
+    pub max_segments: u32,
+    pub escalate_after_crashes: u32,
+    /// Escalation order; always contains [`DEFAULT_TIER`].
+    pub tiers: Vec<Tier>,
+    causes: BTreeMap<&'static str, CausePolicy>,
+}
+
+fn duration(field: String, v: &Option<String>, default: Duration) -> Result<Duration, PolicyError> {
+    match v {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(s).map_err(|e| PolicyError::Invalid {
+            field,
+            why: format!("{s:?} is not a duration ({e}); write e.g. \"30s\", \"5m\", \"1h\""),
+        }),
+    }
+}
+
+fn check_url(field: String, url: &str) -> Result<(), PolicyError> {
+    if url.starts_with("https://") || url.starts_with("http://") {
+        Ok(())
+    } else {
+        Err(PolicyError::Invalid {
+            field,
+            why: format!("{url:?} is not a queue URL (see `aws sqs get-queue-url`)"),
+        })
+    }
+}
+
+impl Policy {
+    /// Validates `raw`, adding `extra_tiers` (from `--tier-queue NAME=URL`, in order) and
+    /// using `jobs_queue_url` for the `default` tier unless a tier of that name is given.
+    pub fn build(
+        raw: &RawPolicy,
+        extra_tiers: &[(String, String)],
+        jobs_queue_url: &str,
+    ) -> Result<Self, PolicyError> {
+        let stale_after = duration(
+            "stale_after".into(),
+            &raw.stale_after,
+            Duration::from_secs(15 * 60),
+        )?;
+        if stale_after < Duration::from_secs(10) {
+            return Err(PolicyError::Invalid {
+                field: "stale_after".into(),
+                why: "must be at least 10s (and longer than the agent's heartbeat interval)".into(),
+            });
+        }
+        let resend_after = duration(
+            "resend_after".into(),
+            &raw.resend_after,
+            Duration::from_secs(120),
+        )?;
+        let max_segments = raw.max_segments.unwrap_or(8);
+        if !(1..=100).contains(&max_segments) {
+            return Err(PolicyError::Invalid {
+                field: "max_segments".into(),
+                why: format!("{max_segments} is outside 1..=100"),
+            });
+        }
+        let escalate_after_crashes = raw.escalate_after_crashes.unwrap_or(2);
+        if escalate_after_crashes == 0 {
+            return Err(PolicyError::Invalid {
+                field: "escalate_after_crashes".into(),
+                why: "must be at least 1".into(),
+            });
+        }
+
+        let mut tiers: Vec<Tier> = Vec::new();
+        let given = raw
+            .tiers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("tiers[{i}]"), t.name.clone(), t.queue_url.clone()))
+            .chain(extra_tiers.iter().map(|(n, u)| {
+                (
+                    format!("--tier-queue {n}={u}"),
+                    n.to_string(),
+                    u.to_string(),
+                )
+            }));
+        for (field, name, url) in given {
+            if name.is_empty()
+                || name.len() > 32
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                return Err(PolicyError::Invalid {
+                    field,
+                    why: format!("tier name {name:?} must be 1-32 characters of a-z 0-9 -"),
+                });
+            }
+            check_url(field.clone(), &url)?;
+            if tiers.iter().any(|t| t.name == name) {
+                return Err(PolicyError::Invalid {
+                    field,
+                    why: format!("tier {name:?} is listed twice"),
+                });
+            }
+            tiers.push(Tier {
+                name,
+                queue_url: url,
+            });
+        }
+        if !tiers.iter().any(|t| t.name == DEFAULT_TIER) {
+            tiers.insert(
+                0,
+                Tier {
+                    name: DEFAULT_TIER.into(),
+                    queue_url: jobs_queue_url.to_owned(),
+                },
+            );
+        }
+
+        let mut causes = BTreeMap::new();
+        for name in raw.causes.keys() {
+            if !CAUSES.contains(&name.as_str()) {
+                return Err(PolicyError::Invalid {
+                    field: format!("causes.{name}"),
+                    why: format!("unknown cause; use one of {}", CAUSES.join(", ")),
+                });
+            }
+        }
+        for cause in CAUSES {
+            let d = CausePolicy::defaults(cause);
+            let Some(rc) = raw.causes.get(cause) else {
+                causes.insert(cause, d);
+                continue;
+            };
+            let f = |k: &str| format!("causes.{cause}.{k}");
+            let base_delay = duration(f("base_delay"), &rc.base_delay, d.base_delay)?;
+            let max_delay = duration(f("max_delay"), &rc.max_delay, d.max_delay.max(base_delay))?;
+            if base_delay > max_delay {
+                return Err(PolicyError::Invalid {
+                    field: f("base_delay"),
+                    why: format!(
+                        "{} is longer than max_delay {}",
+                        humantime::format_duration(base_delay),
+                        humantime::format_duration(max_delay)
+                    ),
+                });
+            }
+            if max_delay > MAX_BACKOFF {
+                return Err(PolicyError::Invalid {
+                    field: f("max_delay"),
+                    why: "must be at most 12h".into(),
+                });
+            }
+            if let Some(n) = rc.max_attempts
+                && !(1..=agentq_core::spec::MAX_ATTEMPTS_LIMIT).contains(&n)
+            {
+                return Err(PolicyError::Invalid {
+                    field: f("max_attempts"),
+                    why: format!(
+                        "{n} is outside 1..={}",
+                        agentq_core::spec::MAX_ATTEMPTS_LIMIT
+                    ),
+                });
+            }
+            if let Some(t) = &rc.escalate_to
+                && !tiers.iter().any(|x| &x.name == t)
+            {
+                return Err(PolicyError::Invalid {
+                    field: f("escalate_to"),
+                    why: format!(
+                        "tier {t:?} is not configured; known tiers: {} (add it under [[tiers]] or with --tier-queue {t}=URL)",
+                        tiers
+                            .iter()
+                            .map(|t| t.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+            causes.insert(
+                cause,
+                CausePolicy {
+                    base_delay,
+                    max_delay,
+                    max_attempts: rc.max_attempts,
+                    escalate_to: rc.escalate_to.clone(),
+                },
+            );
+        }
+        Ok(Self {
+            stale_after,
+            resend_after,
+            max_segments,
+            escalate_after_crashes,
+            tiers,
+            causes,
+        })
+    }
+
+    /// The settings of a cause (by [`agentq_core::FailureCause::kind`]).
+    pub fn cause(&self, kind: &str) -> CausePolicy {
+        self.causes
+            .get(kind)
+            .cloned()
+            .unwrap_or_else(|| CausePolicy::defaults(kind))
+    }
+
+    /// A tier by name.
+    pub fn tier(&self, name: &str) -> Option<&Tier> {
+        self.tiers.iter().find(|t| t.name == name)
+    }
+
+    /// Where a job on `current` escalates to for `cause`: the cause's `escalate_to`, or
+    /// the tier after `current` in order. `None` when there is no bigger tier.
+    pub fn escalation(&self, current: &str, cause: &str) -> Option<&Tier> {
+        if let Some(t) = &self.cause(cause).escalate_to {
+            return self.tier(t).filter(|t| t.name != current);
+        }
+        let i = self.tiers.iter().position(|t| t.name == current)?;
+        self.tiers.get(i + 1)
+    }
+}
+
+/// The delay before retry number `n` (1-based): `base * 2^(n-1)` capped at `max` (the
+/// math of `backon`'s `ExponentialBuilder` with factor 2), then "equal jitter": a
+/// uniformly random point in the upper half, `[d/2, d]`. The result never exceeds `max`,
+/// and retry `n+1`'s smallest delay is retry `n`'s largest until the cap is reached, so
+/// delays grow.
+pub fn backoff(base: Duration, max: Duration, n: u32, rng: &mut fastrand::Rng) -> Duration {
+    let base_ms = base.as_millis().min(u64::MAX as u128) as u64;
+    let max_ms = max.as_millis().min(u64::MAX as u128) as u64;
+    let shift = n.saturating_sub(1).min(63);
+    let d = base_ms.saturating_mul(1u64 << shift).min(max_ms);
+    let half = d / 2;
+    Duration::from_millis(half + rng.u64(0..=d - half))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> RawPolicy {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn delays_grow_and_stay_within_the_cap() {
+        let base = Duration::from_secs(10);
+        let max = Duration::from_secs(3600);
+        for seed in 0..200 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut prev = Duration::ZERO;
+            for n in 1..=20 {
+                let d = backoff(base, max, n, &mut rng);
+                assert!(d <= max, "retry {n}: {d:?} > cap");
+                assert!(d >= prev.min(max / 2), "retry {n}: {d:?} < {prev:?}");
+                let uncapped = base * 2u32.pow(n - 1);
+                if uncapped < max {
+                    assert!(d >= uncapped / 2 && d <= uncapped, "retry {n}: {d:?}");
+                }
+                prev = d;
+            }
+        }
+        // Past the cap, delays stay in [max/2, max].
+        let mut rng = fastrand::Rng::with_seed(7);
+        let d = backoff(base, max, 40, &mut rng);
+        assert!(d >= max / 2 && d <= max);
+        // No overflow for silly inputs.
+        let d = backoff(Duration::from_secs(u64::MAX / 4), MAX_BACKOFF, 64, &mut rng);
+        assert!(d <= MAX_BACKOFF);
+    }
+
+    #[test]
+    fn defaults_and_file_values() {
+        let p = Policy::build(&RawPolicy::default(), &[], "https://q/jobs").unwrap();
+        assert_eq!(p.tiers.len(), 1);
+        assert_eq!(p.cause("crashed").max_delay, Duration::from_secs(900));
+        assert!(p.escalation("default", "timed_out").is_none());
+
+        let p = Policy::build(
+            &raw(r#"
+                stale_after = "5m"
+                [causes.infra_transient]
+                base_delay = "1s"
+                max_delay = "1h"
+                max_attempts = 7
+            "#),
+            &[("large".into(), "https://q/large".into())],
+            "https://q/jobs",
+        )
+        .unwrap();
+        assert_eq!(p.stale_after, Duration::from_secs(300));
+        let c = p.cause("infra_transient");
+        assert_eq!(c.max_delay, Duration::from_secs(3600));
+        assert_eq!(c.max_attempts, Some(7));
+        assert_eq!(
+            p.escalation("default", "timed_out").unwrap().queue_url,
+            "https://q/large"
+        );
+        assert!(p.escalation("large", "timed_out").is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"stale_after = "soon""#, "stale_after"),
+            (
+                "[causes.crashed]\nbase_delay = \"1h\"\nmax_delay = \"1m\"",
+                "causes.crashed.base_delay",
+            ),
+            (
+                "[causes.crashed]\nmax_delay = \"2d\"",
+                "causes.crashed.max_delay",
+            ),
+            ("[causes.oom]\nmax_attempts = 2", "causes.oom"),
+            (
+                "[causes.timed_out]\nescalate_to = \"huge\"",
+                "causes.timed_out.escalate_to",
+            ),
+            (
+                "[causes.agent_exit]\nmax_attempts = 0",
+                "causes.agent_exit.max_attempts",
+            ),
+            (
+                "[[tiers]]\nname = \"Big\"\nqueue_url = \"https://x\"",
+                "tiers[0]",
+            ),
+            (
+                "[[tiers]]\nname = \"big\"\nqueue_url = \"big-queue\"",
+                "tiers[0]",
+            ),
+            ("max_segments = 0", "max_segments"),
+        ];
+        for (text, field) in cases {
+            let e = Policy::build(&raw(text), &[], "https://q/jobs").unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(field), "{text}: {msg}");
+        }
+        // Unknown keys in the file are refused by the parser, naming the key.
+        let e = toml::from_str::<RawPolicy>("stale = \"1m\"").unwrap_err();
+        assert!(e.to_string().contains("stale"), "{e}");
+    }
+}

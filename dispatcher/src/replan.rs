@@ -1,0 +1,472 @@
+//! The re-plan handler: one plain async function over a batch of DLQ messages
+//! ([`Replanner::handle`], `SqsEvent` → `SqsBatchResponse`), called by both front ends
+//! (the Lambda runtime and the poller).
+//!
+//! Per message: parse it (explicit failure record, or a raw spec SQS redrove), read the
+//! job's record, [`decide`](crate::plan::decide), then apply: the conditional write
+//! (`JobStore::replan`, on expected state + attempt) comes BEFORE the SendMessage, so a
+//! DLQ message delivered twice enqueues once — the second delivery's write loses, and it
+//! reads the plan back instead.
+//!
+//! The crash window between the write and the SendMessage is closed with a marker:
+//! after the send succeeds the dispatcher appends an `enqueued` decision for the same
+//! attempt. A later delivery (the same message coming back because it was never
+//! acknowledged, or any other DLQ message for the job) that finds the job still
+//! claimable at that attempt with the plan unmarked re-sends it once the plan is older
+//! than `resend_after` (before that, another dispatcher may be mid-send: the message is
+//! left for later). A crash between the send and the marker therefore sends twice at
+//! most; the second copy is absorbed by the claim's fencing (it finds the job running or
+//! finished). Messages re-enqueued by the dispatcher carry their plan number
+//! ([`PLAN_ATTR`]), so a redriven copy of a message that an earlier plan has replaced is
+//! recognised and dropped.
+//!
+//! Messages of one batch that concern the same job are handled in order; different jobs
+//! concurrently (a batch is at most 10 messages).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use agentq_core::failure::DlqMessage;
+use agentq_core::layout::msg_attr;
+use agentq_core::payload::PayloadPointer;
+use agentq_core::record::{Decision, EpochMillis, now_ms};
+use agentq_core::spec::{JobSpec, ValidationContext};
+use agentq_core::store::Replan;
+use agentq_core::{JobId, JobState, JobStore, StoreError};
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use aws_sdk_sqs::types::MessageAttributeValue;
+use serde::Serialize;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::error::ReplanError;
+use crate::plan::{self, BY, Enqueue, Input, Step, action};
+use crate::policy::{Policy, SQS_MAX_DELAY_SECONDS};
+
+/// Message attribute (Number) on every message the dispatcher enqueues: the plan number
+/// it was sent under (how many re-enqueue plans the job had by then). Agents that send a
+/// message on (chained delays) keep it.
+pub const PLAN_ATTR: &str = "agentq-plan";
+
+/// What happened to one message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// A plan was written (and enqueued when it re-runs the job).
+    Planned {
+        job_id: String,
+        action: String,
+        state: JobState,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        queue: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        delay_seconds: Option<u64>,
+    },
+    /// A plan whose enqueue was lost was sent again.
+    Resent { job_id: String, queue: String },
+    /// Nothing to do (duplicate, stale, finished, running).
+    Dropped { job_id: String, why: String },
+    /// The body names no job: logged, counted and acknowledged.
+    Unparseable { why: String },
+}
+
+/// Counters over the life of a [`Replanner`].
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub planned: AtomicU64,
+    pub resent: AtomicU64,
+    pub dropped: AtomicU64,
+    pub unparseable: AtomicU64,
+    /// Messages left on the DLQ to come back (errors, in-flight plans).
+    pub failed: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    pub planned: u64,
+    pub resent: u64,
+    pub dropped: u64,
+    pub unparseable: u64,
+    pub failed: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            planned: self.planned.load(Ordering::Relaxed),
+            resent: self.resent.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            unparseable: self.unparseable.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The re-planner: clients built once, the validated policy, counters.
+#[derive(Debug, Clone)]
+pub struct Replanner {
+    store: JobStore,
+    sqs: aws_sdk_sqs::Client,
+    s3: aws_sdk_s3::Client,
+    policy: Arc<Policy>,
+    validation: ValidationContext,
+    stats: Arc<Stats>,
+}
+
+/// What the body of a redriven message names.
+struct Redriven {
+    job_id: JobId,
+    spec_json: String,
+}
+
+impl Replanner {
+    pub fn new(
+        store: JobStore,
+        sqs: aws_sdk_sqs::Client,
+        s3: aws_sdk_s3::Client,
+        policy: Policy,
+        validation: ValidationContext,
+    ) -> Self {
+        Self {
+            store,
+            sqs,
+            s3,
+            policy: Arc::new(policy),
+            validation,
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Handles a batch; the response lists the messages to leave on the DLQ.
+    pub async fn handle(&self, event: SqsEvent) -> SqsBatchResponse {
+        // Same job → same group, handled in order; groups run concurrently.
+        let mut groups: BTreeMap<String, Vec<SqsMessage>> = BTreeMap::new();
+        for (i, m) in event.records.into_iter().enumerate() {
+            let key = group_key(&m).unwrap_or_else(|| format!("#{i}"));
+            groups.entry(key).or_default().push(m);
+        }
+        let results = futures::future::join_all(groups.into_values().map(|msgs| async move {
+            let mut failed = Vec::new();
+            for m in msgs {
+                let id = m.message_id.clone().unwrap_or_default();
+                let span =
+                    info_span!("dlq_message", message_id = %id, job_id = tracing::field::Empty);
+                match self.handle_message(&m).instrument(span).await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        warn!(message_id = %id, error = %e, "left on the DLQ for later");
+                        failed.push(id);
+                    }
+                }
+            }
+            failed
+        }))
+        .await;
+        let mut resp = SqsBatchResponse::default();
+        for id in results.into_iter().flatten() {
+            let mut f = BatchItemFailure::default();
+            f.item_identifier = id;
+            resp.batch_item_failures.push(f);
+        }
+        resp
+    }
+
+    /// Handles one DLQ message.
+    pub async fn handle_message(&self, msg: &SqsMessage) -> Result<Outcome, ReplanError> {
+        let body = msg.body.as_deref().unwrap_or_default();
+        let outcome = match DlqMessage::parse(body) {
+            DlqMessage::Failure(fr) => match fr.job_id.clone() {
+                None => Outcome::Unparseable {
+                    why: format!("failure record names no job: {}", fr.reason),
+                },
+                Some(job_id) => {
+                    tracing::Span::current().record("job_id", job_id.as_str());
+                    self.replan(&job_id, &Input::Failure(&fr), None).await?
+                }
+            },
+            DlqMessage::Redriven(raw) => match self.redriven(&raw).await? {
+                Err(why) => Outcome::Unparseable { why },
+                Ok(r) => {
+                    tracing::Span::current().record("job_id", r.job_id.as_str());
+                    let plan_seq = msg
+                        .message_attributes
+                        .get(PLAN_ATTR)
+                        .and_then(|a| a.string_value.as_deref())
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    self.replan(&r.job_id, &Input::Redriven { plan_seq }, Some(&r))
+                        .await?
+                }
+            },
+        };
+        match &outcome {
+            Outcome::Planned { .. } => self.stats.planned.fetch_add(1, Ordering::Relaxed),
+            Outcome::Resent { .. } => self.stats.resent.fetch_add(1, Ordering::Relaxed),
+            Outcome::Dropped { .. } => self.stats.dropped.fetch_add(1, Ordering::Relaxed),
+            Outcome::Unparseable { .. } => self.stats.unparseable.fetch_add(1, Ordering::Relaxed),
+        };
+        match &outcome {
+            Outcome::Unparseable { why } => {
+                warn!(body = %truncate(body, 512), why = %why, "unparseable DLQ message acknowledged")
+            }
+            other => {
+                info!(outcome = %serde_json::to_string(other).unwrap_or_default(), "re-planned")
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The job a redriven body names (resolving an Extended Client pointer), or why not.
+    async fn redriven(&self, raw: &str) -> Result<Result<Redriven, String>, ReplanError> {
+        let spec_json = if PayloadPointer::parse(raw).is_some() {
+            agentq_core::payload::resolve_body(&self.s3, raw).await?
+        } else {
+            raw.to_owned()
+        };
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&spec_json) else {
+            return Ok(Err("the body is not JSON".into()));
+        };
+        let Some(id) = value.get("job_id").and_then(|v| v.as_str()) else {
+            return Ok(Err("the body is JSON but has no job_id".into()));
+        };
+        match JobId::parse(id) {
+            Ok(job_id) => Ok(Ok(Redriven { job_id, spec_json })),
+            Err(e) => Ok(Err(e.to_string())),
+        }
+    }
+
+    async fn replan(
+        &self,
+        job: &JobId,
+        input: &Input<'_>,
+        redriven: Option<&Redriven>,
+    ) -> Result<Outcome, ReplanError> {
+        let mut rng = fastrand::Rng::new();
+        for _ in 0..4 {
+            let rec = self.store.get(job).await?;
+            let now = now_ms();
+            match plan::decide(input, rec.as_ref(), &self.policy, now, &mut rng) {
+                Step::Drop { why } => {
+                    return Ok(Outcome::Dropped {
+                        job_id: job.to_string(),
+                        why,
+                    });
+                }
+                Step::InFlight { age_ms } => {
+                    return Err(ReplanError::InFlight {
+                        job_id: job.to_string(),
+                        age_ms,
+                    });
+                }
+                Step::CreateRecord => {
+                    let Some(r) = redriven else {
+                        continue;
+                    };
+                    match JobSpec::parse_valid(r.spec_json.as_bytes(), &self.validation) {
+                        Ok(spec) => match self.store.create_queued(&spec, now).await {
+                            Ok(_) | Err(StoreError::AlreadyExists { .. }) => continue,
+                            Err(e) => return Err(e.into()),
+                        },
+                        Err(e) => {
+                            // The agent would have refused it too: terminal, recorded.
+                            let why = format!("invalid_spec is not retryable: {e}");
+                            self.store
+                                .record_invalid(job, &r.spec_json, &why, now)
+                                .await?;
+                            return Ok(Outcome::Planned {
+                                job_id: job.to_string(),
+                                action: action::FAIL.into(),
+                                state: JobState::Dead,
+                                queue: None,
+                                delay_seconds: None,
+                            });
+                        }
+                    }
+                }
+                Step::Resend(enq) => {
+                    let Some(rec) = rec else { continue };
+                    let spec = rec.spec.clone().unwrap_or_default();
+                    self.enqueue(job, &spec, &enq, now).await?;
+                    self.mark_enqueued(job, rec.status, rec.attempt, &enq, "re-sent", now)
+                        .await?;
+                    return Ok(Outcome::Resent {
+                        job_id: job.to_string(),
+                        queue: enq.queue_url,
+                    });
+                }
+                Step::Plan(p) => {
+                    let written = match self
+                        .store
+                        .replan(
+                            job,
+                            p.expected_state,
+                            p.expected_attempt,
+                            p.to,
+                            &p.decision,
+                            &p.changes,
+                            now,
+                        )
+                        .await
+                    {
+                        Ok(r) => r,
+                        // Lost to a concurrent delivery or a claim: read it back, decide again.
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                    if let Some(enq) = &p.enqueue {
+                        let spec = written.spec.clone().unwrap_or_default();
+                        self.enqueue(job, &spec, enq, now).await?;
+                        self.mark_enqueued(job, p.to, p.expected_attempt, enq, "sent", now)
+                            .await?;
+                    }
+                    return Ok(Outcome::Planned {
+                        job_id: job.to_string(),
+                        action: p.decision.action.clone(),
+                        state: p.to,
+                        queue: p.enqueue.as_ref().map(|e| e.queue_url.clone()),
+                        delay_seconds: p.decision.delay_seconds,
+                    });
+                }
+            }
+        }
+        Err(ReplanError::Contended {
+            job_id: job.to_string(),
+        })
+    }
+
+    /// Sends the spec to `enq.queue_url`, delayed; above SQS' 900 s the rest of the
+    /// delay travels in `agentq-not-before` and the agent sends it on (chained).
+    async fn enqueue(
+        &self,
+        job: &JobId,
+        spec: &str,
+        enq: &Enqueue,
+        now: EpochMillis,
+    ) -> Result<(), ReplanError> {
+        let (delay_seconds, not_before) = delay_parts(enq.delay, now);
+        let mut req = self
+            .sqs
+            .send_message()
+            .queue_url(&enq.queue_url)
+            .message_body(spec)
+            .delay_seconds(delay_seconds)
+            .message_attributes(msg_attr::JOB_ID, string_attr(job.as_str()))
+            .message_attributes(PLAN_ATTR, number_attr(enq.plan_seq));
+        if let Some(nb) = not_before {
+            req = req.message_attributes(msg_attr::NOT_BEFORE, number_attr(nb));
+        }
+        req.send().await.map_err(|e| ReplanError::Sqs {
+            job_id: job.to_string(),
+            op: "SendMessage",
+            queue: enq.queue_url.clone(),
+            message: agentq_core::aws::display(&e),
+        })?;
+        Ok(())
+    }
+
+    /// Appends the `enqueued` marker. A conflict means the job was claimed (or moved on)
+    /// already, which proves the message arrived: nothing left to mark.
+    async fn mark_enqueued(
+        &self,
+        job: &JobId,
+        state: JobState,
+        attempt: agentq_core::Attempt,
+        enq: &Enqueue,
+        verb: &str,
+        now: EpochMillis,
+    ) -> Result<(), ReplanError> {
+        let d = Decision {
+            at: now,
+            action: action::ENQUEUED.into(),
+            by: BY.into(),
+            attempt: attempt.get(),
+            cause: None,
+            reason: format!(
+                "{verb} to {} as plan {} (delay {} s)",
+                enq.queue_url,
+                enq.plan_seq,
+                enq.delay.as_secs()
+            ),
+            delay_seconds: Some(enq.delay.as_secs()),
+            queue: Some(enq.queue_url.clone()),
+        };
+        match self
+            .store
+            .replan(job, state, attempt, state, &d, &Replan::default(), now)
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// SQS `DelaySeconds` for a delay, and the `agentq-not-before` epoch millis when the
+/// delay is longer than SQS allows (the agent sends such a message on with the rest).
+pub fn delay_parts(delay: std::time::Duration, now: EpochMillis) -> (i32, Option<EpochMillis>) {
+    let secs = delay.as_secs();
+    let not_before = (secs > SQS_MAX_DELAY_SECONDS).then(|| now + delay.as_millis() as i64);
+    (secs.min(SQS_MAX_DELAY_SECONDS) as i32, not_before)
+}
+
+fn string_attr(v: &str) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(v)
+        .build()
+        .expect("data type is set")
+}
+
+fn number_attr(v: impl ToString) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("Number")
+        .string_value(v.to_string())
+        .build()
+        .expect("data type is set")
+}
+
+/// The job a message concerns, when cheaply visible.
+fn group_key(m: &SqsMessage) -> Option<String> {
+    if let Some(id) = m
+        .message_attributes
+        .get(msg_attr::JOB_ID)
+        .and_then(|a| a.string_value.clone())
+    {
+        return Some(id);
+    }
+    let v: serde_json::Value = serde_json::from_str(m.body.as_deref()?).ok()?;
+    v.get("job_id")?.as_str().map(str::to_owned)
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn long_delays_are_chained_with_not_before() {
+        assert_eq!(delay_parts(Duration::from_secs(0), 5), (0, None));
+        assert_eq!(delay_parts(Duration::from_secs(900), 5), (900, None));
+        assert_eq!(
+            delay_parts(Duration::from_secs(3600), 1_000),
+            (900, Some(1_000 + 3_600_000))
+        );
+    }
+}
