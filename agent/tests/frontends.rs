@@ -102,13 +102,14 @@ async fn poller_killed_mid_job_the_message_returns_and_the_next_claim_takes_over
             break;
         }
         assert!(
-            killed.elapsed() < Duration::from_secs(10),
+            killed.elapsed() < Duration::from_secs(20),
             "message did not come back"
         );
     }
     let back_after = killed.elapsed();
+    // The heartbeat horizon is 3 s; the queue's own visibility timeout is 30 s.
     assert!(
-        back_after <= Duration::from_secs(5),
+        back_after <= Duration::from_secs(8),
         "came back after {back_after:?}"
     );
 
