@@ -182,6 +182,11 @@ pub async fn run(deps: &Arc<Deps>, input: RunInput<'_>) -> RunOutcome {
         _ => None,
     };
 
+    if let Some(p) = spec.spec.prompt.as_deref()
+        && let Err(e) = tokio::fs::write(prompt_file(&ws), p).await
+    {
+        tracing::warn!(%job, error = %e, "could not write the prompt file");
+    }
     let child_spec = build_child(
         deps,
         spec,
@@ -467,6 +472,10 @@ fn classify(
     }
 }
 
+fn prompt_file(ws: &Workspace) -> std::path::PathBuf {
+    ws.tmp.join("prompt.txt")
+}
+
 /// Longest prompt passed as an argument; longer ones go through stdin.
 const PROMPT_ARG_MAX: usize = 64 * 1024;
 
@@ -557,10 +566,11 @@ fn build_child(
         ("AGENTQ_WORKSPACE".into(), ws.work.display().to_string()),
     ];
     if s.agent == AgentPreset::Command && !prompt.is_empty() {
-        let file = ws.tmp.join("prompt.txt");
-        if std::fs::write(&file, &prompt).is_ok() {
-            env.push(("AGENTQ_PROMPT_FILE".into(), file.display().to_string()));
-        }
+        // Written by `run` before the child starts (see `prompt_file`).
+        env.push((
+            "AGENTQ_PROMPT_FILE".into(),
+            prompt_file(ws).display().to_string(),
+        ));
         if !via_stdin {
             env.push(("AGENTQ_PROMPT".into(), prompt));
         }

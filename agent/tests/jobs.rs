@@ -144,7 +144,10 @@ async fn a_child_that_never_ends_times_out_with_everything_in_s3_before_the_dead
     let finished = manifest["finished_at"].as_i64().unwrap();
     let margin = deadline_ms - finished;
     eprintln!("result.json written {margin} ms before the deadline");
-    assert!(margin > 0, "manifest written {margin} ms after the deadline");
+    assert!(
+        margin > 0,
+        "manifest written {margin} ms after the deadline"
+    );
     // The 6 s reserve covered the 2 s grace plus the final uploads.
     assert!(manifest["finalize_ms"].as_u64().unwrap() < 6000);
     assert!(
