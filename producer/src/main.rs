@@ -1,0 +1,120 @@
+//! `agentq`: parses the command line, loads the AWS configuration, runs the command
+//! (see `agentq_producer::cli`), and maps the outcome or the error to an exit code.
+
+use std::process::ExitCode;
+
+use agentq_producer::cli::{Cli, Deps, OutputFormat, exit_code, run};
+use agentq_producer::{ErrorClass, ProducerError};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; usage errors exit 2.
+            let _ = e.print();
+            if !e.use_stderr() {
+                return ExitCode::from(exit_code::OK);
+            }
+            if wants_json() {
+                println!(
+                    "{}",
+                    serde_json::json!({"error": {
+                        "message": e.render().to_string().trim_end(),
+                        "exit_code": exit_code::USAGE,
+                        "retryable": false,
+                        "violations": [],
+                    }})
+                );
+            }
+            return ExitCode::from(exit_code::USAGE);
+        }
+    };
+    init_tracing(cli.verbose);
+    let json = cli.output == OutputFormat::Json;
+    let deps = Deps {
+        sdk: agentq_core::load_sdk_config().await,
+    };
+    let result: anyhow::Result<_> = run(cli, &deps).await.map_err(anyhow::Error::from);
+    match result {
+        Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        Err(err) => {
+            let code = code_for(&err);
+            let producer_err = err.downcast_ref::<ProducerError>();
+            let hint = match producer_err {
+                Some(e) if e.class() == ErrorClass::Service && e.is_retryable() => {
+                    " (transient: retrying may help)"
+                }
+                Some(e) if e.class() == ErrorClass::Service => {
+                    " (retrying will not help until the cause is fixed)"
+                }
+                _ => "",
+            };
+            eprintln!("error: {err}{hint}");
+            // A batch already printed its per-job JSON report; anything else prints an
+            // error document so JSON consumers always get valid JSON on stdout.
+            if json && !matches!(producer_err, Some(ProducerError::Batch { .. })) {
+                let violations: Vec<_> = producer_err
+                    .map(ProducerError::violations)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(origin, v)| {
+                        serde_json::json!({"origin": origin, "field": v.field, "message": v.message})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"error": {
+                        "message": err.to_string(),
+                        "exit_code": code,
+                        "retryable": producer_err.is_some_and(ProducerError::is_retryable),
+                        "violations": violations,
+                    }})
+                );
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Whether JSON output was asked for, judged from the raw arguments (for errors found
+/// while parsing them).
+fn wants_json() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .any(|w| (w[0] == "--output" || w[0] == "-o") && w[1] == "json")
+        || args.iter().any(|a| a == "--output=json" || a == "-ojson")
+        || std::env::var("AGENTQ_OUTPUT").is_ok_and(|v| v == "json")
+}
+
+/// The exit code of an error (see `agentq --help`).
+fn code_for(err: &anyhow::Error) -> u8 {
+    match err
+        .downcast_ref::<ProducerError>()
+        .map(ProducerError::class)
+    {
+        Some(ErrorClass::Usage) => exit_code::USAGE,
+        Some(ErrorClass::NotFound) => exit_code::NOT_FOUND,
+        Some(ErrorClass::AlreadyExists) => exit_code::ALREADY_EXISTS,
+        Some(ErrorClass::Service) => exit_code::SERVICE,
+        Some(ErrorClass::Other) | None => exit_code::OTHER,
+    }
+}
+
+/// Diagnostics to stderr: `AGENTQ_LOG` (a tracing filter) or -v/-vv; warnings by default
+/// (but not the SDK's notes about probing instance metadata for a region).
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,aws_config=error",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTQ_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
