@@ -20,6 +20,9 @@ use tracing::Instrument;
 use crate::Deps;
 use crate::job::{self, RunInput, VisibilityLease};
 
+/// Largest spec kept whole in the job record.
+const RECORD_SPEC_MAX: usize = 300 * 1024;
+
 /// One invocation: who we are (lease owner) and when it must end.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -119,7 +122,15 @@ async fn process(
         return Disposition::Retry;
     }
     let owner = format!("{}/{}", inv.request_id, message_id);
-    let spec_json = spec.to_json();
+    // A DynamoDB item holds at most 400 KB: for a spec that came through an S3 pointer
+    // and is too big to keep in the record, keep the pointer (re-sendable as it is).
+    let mut spec_json = spec.to_json();
+    if spec_json.len() > RECORD_SPEC_MAX
+        && spec.spec.job_id.is_some()
+        && agentq_core::payload::PayloadPointer::parse(&raw).is_some()
+    {
+        spec_json = raw.clone();
+    }
     let claim = deps
         .store
         .claim(&ClaimRequest {

@@ -252,6 +252,9 @@ pub mod msg_attr {
     pub const NOT_BEFORE: &str = "agentq-not-before";
     /// String: the job id, so tools can route or inspect without parsing the body.
     pub const JOB_ID: &str = "agentq-job-id";
+    /// Number: the re-plan number of a message the dispatcher enqueued; a redriven copy
+    /// older than the job's latest plan is dropped as superseded.
+    pub const PLAN: &str = "agentq-plan";
     /// String: `failure` on explicit failure records sent to the DLQ.
     pub const RECORD_TYPE: &str = "agentq-record-type";
 }

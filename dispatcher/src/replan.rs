@@ -46,7 +46,7 @@ use crate::policy::{Policy, SQS_MAX_DELAY_SECONDS};
 /// Message attribute (Number) on every message the dispatcher enqueues: the plan number
 /// it was sent under (how many re-enqueue plans the job had by then). Agents that send a
 /// message on (chained delays) keep it.
-pub const PLAN_ATTR: &str = "agentq-plan";
+pub const PLAN_ATTR: &str = agentq_core::layout::msg_attr::PLAN;
 
 /// What happened to one message.
 #[derive(Debug, Clone, PartialEq, Serialize)]
