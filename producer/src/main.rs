@@ -39,6 +39,10 @@ async fn main() -> ExitCode {
     let result: anyhow::Result<_> = run(cli, &deps).await.map_err(anyhow::Error::from);
     match result {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        // A reader that went away (`agentq logs JOB | head`) is not an error.
+        Err(err) if matches!(err.downcast_ref::<ProducerError>(), Some(ProducerError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe) => {
+            ExitCode::from(exit_code::OK)
+        }
         Err(err) => {
             let code = code_for(&err);
             let producer_err = err.downcast_ref::<ProducerError>();
