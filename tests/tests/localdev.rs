@@ -171,3 +171,51 @@ async fn localdev_up_provisions_from_the_template_and_down_stops_it() {
         "an enabled mapping was left on the emulator"
     );
 }
+
+/// The event source mappings cannot be created on the emulator: its CloudFormation does
+/// not support `AWS::Lambda::Alias`, so a mapping on the `live` alias fails with "Missing
+/// FunctionName" (and an enabled mapping would hijack SendMessage anyway). Their settings
+/// are checked in the template itself instead, read with cfn-lint's CloudFormation YAML
+/// loader; `agentq-dispatcher deploy` creates the same settings through the Lambda API and
+/// is tested against the emulator in the dispatcher crate.
+#[test]
+fn template_mappings_use_partial_batch_responses_and_bounded_concurrency() {
+    let script = r#"
+import json, sys
+from cfnlint.decode.cfn_yaml import load
+t = load(sys.argv[1])
+print(json.dumps({k: v["Properties"] for k, v in t["Resources"].items()
+                  if v["Type"] == "AWS::Lambda::EventSourceMapping"}))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(repo_root().join("infra/template.yaml"))
+        .output()
+        .expect("python3 with cfn-lint");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let maps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for name in ["AgentMapping", "DispatcherMapping"] {
+        let m = &maps[name];
+        assert_eq!(
+            m["FunctionResponseTypes"],
+            serde_json::json!(["ReportBatchItemFailures"]),
+            "{name}"
+        );
+        assert!(
+            m["ScalingConfig"]["MaximumConcurrency"].is_object()
+                || m["ScalingConfig"]["MaximumConcurrency"].is_number(),
+            "{name}"
+        );
+        assert!(!m["BatchSize"].is_null(), "{name}");
+        // Enabled is a parameter, so local emulators can create them disabled (or not at all).
+        assert!(m["Enabled"].get("Fn::If").is_some(), "{name}");
+    }
+    assert_eq!(
+        maps["AgentMapping"]["FunctionName"]["Ref"],
+        "AgentLiveAlias"
+    );
+}
