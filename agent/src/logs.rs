@@ -72,12 +72,20 @@ pub fn spawn_uploader(
     policy: FlushPolicy,
 ) -> (StreamSink, JoinHandle<StreamStats>) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(policy.channel_capacity.max(1));
-    let handle = tokio::spawn(async move {
-        let mut stats = StreamStats {
+    let mut up = Uploader {
+        stats: StreamStats {
             prefix: layout.stream_prefix(&job, attempt, stream),
             ..Default::default()
-        };
-        let mut hasher = Sha256::new();
+        },
+        hasher: Sha256::new(),
+        s3,
+        bucket,
+        layout,
+        job,
+        attempt,
+        stream,
+    };
+    let handle = tokio::spawn(async move {
         let mut buf: Vec<u8> = Vec::new();
         let mut tick = tokio::time::interval(policy.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -94,83 +102,69 @@ pub fn spawn_uploader(
                 _ = tick.tick() => !buf.is_empty(),
             };
             if flush {
-                let data = std::mem::take(&mut buf);
-                upload(
-                    &s3,
-                    &bucket,
-                    &layout,
-                    &job,
-                    attempt,
-                    stream,
-                    &mut stats,
-                    &mut hasher,
-                    data,
-                )
-                .await;
+                up.upload(std::mem::take(&mut buf)).await;
             }
         }
         if !buf.is_empty() {
-            upload(
-                &s3,
-                &bucket,
-                &layout,
-                &job,
-                attempt,
-                stream,
-                &mut stats,
-                &mut hasher,
-                buf,
-            )
-            .await;
+            up.upload(buf).await;
         }
-        stats.sha256 = hex::encode(hasher.finalize());
-        stats
+        up.stats.sha256 = hex::encode(up.hasher.finalize());
+        up.stats
     });
     (StreamSink { tx }, handle)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn upload(
-    s3: &aws_sdk_s3::Client,
-    bucket: &str,
-    layout: &Layout,
-    job: &JobId,
+/// One stream's upload state: where segments go, and what was uploaded so far.
+struct Uploader {
+    s3: aws_sdk_s3::Client,
+    bucket: String,
+    layout: Layout,
+    job: JobId,
     attempt: Attempt,
     stream: Stream,
-    stats: &mut StreamStats,
-    hasher: &mut Sha256,
-    data: Vec<u8>,
-) {
-    let key = layout.segment(job, attempt, stream, stats.segments);
-    let len = data.len();
-    hasher.update(&data);
-    let body = Bytes::from(data);
-    let put = || async {
-        s3.put_object()
-            .bucket(bucket)
-            .key(&key)
-            .body(body.clone().into())
-            .content_type(match stream {
-                Stream::Events => "application/x-ndjson",
-                _ => "text/plain; charset=utf-8",
-            })
-            .send()
-            .await
-    };
-    let result = put
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(2))
-                .with_max_times(4)
-                .with_jitter(),
-        )
-        .when(agentq_core::aws::is_transient)
-        .await;
-    stats.segments += 1;
-    stats.bytes += len as u64;
-    if let Err(e) = result {
-        stats.failed_segments += 1;
-        tracing::error!(%job, %bucket, %key, error = %agentq_core::aws::display(&e), "log segment upload failed");
+    stats: StreamStats,
+    hasher: Sha256,
+}
+
+impl Uploader {
+    /// Uploads one segment (retrying transient errors); a segment that still fails is
+    /// counted in the manifest and the stream goes on.
+    async fn upload(&mut self, data: Vec<u8>) {
+        let key = self
+            .layout
+            .segment(&self.job, self.attempt, self.stream, self.stats.segments);
+        let len = data.len();
+        self.hasher.update(&data);
+        let body = Bytes::from(data);
+        let content_type = match self.stream {
+            Stream::Events => "application/x-ndjson",
+            _ => "text/plain; charset=utf-8",
+        };
+        let put = || async {
+            self.s3
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .body(body.clone().into())
+                .content_type(content_type)
+                .send()
+                .await
+        };
+        let result = put
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(4)
+                    .with_jitter(),
+            )
+            .when(agentq_core::aws::is_transient)
+            .await;
+        self.stats.segments += 1;
+        self.stats.bytes += len as u64;
+        if let Err(e) = result {
+            self.stats.failed_segments += 1;
+            tracing::error!(job = %self.job, bucket = %self.bucket, %key, error = %agentq_core::aws::display(&e), "log segment upload failed");
+        }
     }
 }
