@@ -183,6 +183,9 @@ async fn process(
         }
         Ok(ClaimOutcome::Finished { status }) => {
             tracing::info!(%status, "job already finished; acknowledging without running");
+            if matches!(status, JobState::Failed | JobState::TimedOut) {
+                return report_unreported(deps, &spec.job_id, &message_id).await;
+            }
             return Disposition::Ack;
         }
         Err(e) => {
@@ -249,7 +252,60 @@ async fn process(
             raw_body: None,
             message_id: Some(message_id),
         };
-        send_failure(deps, &rec).await;
+        if send_failure(deps, &rec).await
+            && let Err(e) = deps
+                .store
+                .mark_failure_reported(&spec.job_id, attempt)
+                .await
+        {
+            tracing::warn!(error = %e, "could not note that the failure was reported");
+        }
+    }
+    Disposition::Ack
+}
+
+/// A redelivered message of a FAILED/TIMED_OUT job: if the run that failed died before
+/// its failure record reached the DLQ, send it now so the dispatcher can re-plan.
+async fn report_unreported(deps: &Deps, job: &JobId, message_id: &str) -> Disposition {
+    let rec = match deps.store.get(job).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Disposition::Ack,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the record; will retry");
+            return Disposition::Retry;
+        }
+    };
+    if !matches!(rec.status, JobState::Failed | JobState::TimedOut)
+        || rec.attempt == Attempt::NONE
+        || rec.failure_reported == Some(rec.attempt.get())
+    {
+        return Disposition::Ack;
+    }
+    let Some(cause) = rec.cause.as_deref().and_then(|k| {
+        FailureCause::from_record(k, rec.exit_code, rec.signal, rec.resume_session.is_some())
+    }) else {
+        return Disposition::Ack;
+    };
+    tracing::warn!(attempt = %rec.attempt, "the failure of this job was never reported; sending its failure record now");
+    let failure = FailureRecord {
+        agentq_failure: FAILURE_RECORD_VERSION,
+        job_id: Some(job.clone()),
+        attempt: rec.attempt,
+        state: rec.status,
+        cause,
+        reason: rec.reason.clone().unwrap_or_default(),
+        at: now_ms(),
+        segment: rec.segment,
+        session_id: rec.resume_session.clone(),
+        result_key: rec.result_key.clone(),
+        raw_body: None,
+        message_id: Some(message_id.to_owned()),
+    };
+    if !send_failure(deps, &failure).await {
+        return Disposition::Retry;
+    }
+    if let Err(e) = deps.store.mark_failure_reported(job, rec.attempt).await {
+        tracing::warn!(error = %e, "could not note that the failure was reported");
     }
     Disposition::Ack
 }

@@ -418,3 +418,52 @@ async fn an_offloaded_spec_is_resolved_from_s3() {
     assert!(resp.batch_item_failures.is_empty());
     assert_eq!(record(&r, "big").await.status, JobState::Succeeded);
 }
+
+#[tokio::test]
+async fn a_failure_whose_record_never_reached_the_dlq_is_reported_on_redelivery() {
+    let r = resources().await;
+    let root = work_root();
+    let deps = deps(&r, root.path(), &[]);
+    let spec = claude("lost-report", "exit=5");
+    let resp = handle(&deps, vec![message("m1", &spec)], Duration::from_secs(60)).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(record(&r, "lost-report").await.failure_reported, Some(1));
+    // Simulate a runtime that died after the final write, before the DLQ send.
+    assert_eq!(r.drain(&r.dlq_url).await.len(), 1);
+    let store = agentq_core::JobStore::new(r.clients().dynamodb, &r.table);
+    r.clients()
+        .dynamodb
+        .update_item()
+        .table_name(&r.table)
+        .key(
+            "job_id",
+            aws_sdk_dynamodb::types::AttributeValue::S("lost-report".into()),
+        )
+        .update_expression("REMOVE failure_reported")
+        .send()
+        .await
+        .unwrap();
+    // The message comes back: the job is not run again, but its failure is reported.
+    let resp = handle(&deps, vec![message("m1", &spec)], Duration::from_secs(60)).await;
+    assert!(resp.batch_item_failures.is_empty());
+    let dlq = r.drain(&r.dlq_url).await;
+    assert_eq!(dlq.len(), 1);
+    let DlqMessage::Failure(f) = DlqMessage::parse(&dlq[0]) else {
+        panic!()
+    };
+    assert_eq!(
+        f.cause,
+        FailureCause::AgentExit {
+            code: Some(5),
+            signal: None
+        }
+    );
+    let rec = store
+        .require(&agentq_core::JobId::parse("lost-report").unwrap())
+        .await
+        .unwrap();
+    assert_eq!((rec.attempt.get(), rec.failure_reported), (1, Some(1)));
+    // A third delivery sends nothing more.
+    handle(&deps, vec![message("m1", &spec)], Duration::from_secs(60)).await;
+    assert!(r.drain(&r.dlq_url).await.is_empty());
+}

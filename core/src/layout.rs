@@ -59,6 +59,9 @@ pub mod attr {
     pub const RUNTIME_MS: &str = "runtime_ms";
     /// Cost spent so far across attempts (N).
     pub const COST_USD: &str = "cost_usd";
+    /// The attempt (N) whose failure record reached the DLQ; a redelivered message of a
+    /// FAILED/TIMED_OUT job whose failure was not reported sends it then.
+    pub const FAILURE_REPORTED: &str = "failure_reported";
     /// Expiry, epoch seconds (N): the table's TTL attribute.
     pub const EXPIRES_AT: &str = "expires_at";
 }

@@ -138,6 +138,8 @@ pub struct JobRecord {
     #[serde(default)]
     pub cost_usd: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reported: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
 }
 
@@ -174,6 +176,7 @@ impl JobRecord {
             result_key: None,
             runtime_ms: 0,
             cost_usd: 0.0,
+            failure_reported: None,
             expires_at: None,
         }
     }
@@ -206,6 +209,7 @@ mod tests {
         r.labels.insert("k".into(), "v".into());
         r.result_key = Some("k".into());
         r.expires_at = Some(1);
+        r.failure_reported = Some(1);
         let v = serde_json::to_value(&r).unwrap();
         let keys: std::collections::BTreeSet<_> = v.as_object().unwrap().keys().cloned().collect();
         let expected: std::collections::BTreeSet<String> = [
@@ -234,6 +238,7 @@ mod tests {
             attr::RESULT_KEY,
             attr::RUNTIME_MS,
             attr::COST_USD,
+            attr::FAILURE_REPORTED,
             attr::EXPIRES_AT,
         ]
         .into_iter()

@@ -163,6 +163,29 @@ impl FailureCause {
         }
     }
 
+    /// Rebuilds a cause from what a job record keeps (`cause`, `exit_code`, `signal`,
+    /// whether a session can be resumed).
+    pub fn from_record(
+        kind: &str,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        resumable: bool,
+    ) -> Option<Self> {
+        Some(match kind {
+            "invalid_spec" => Self::InvalidSpec,
+            "secret_denied" => Self::SecretDenied,
+            "agent_exit" => Self::AgentExit {
+                code: exit_code,
+                signal,
+            },
+            "timed_out" => Self::TimedOut { resumable },
+            "cancelled" => Self::Cancelled,
+            "infra_transient" => Self::InfraTransient,
+            "crashed" => Self::Crashed,
+            _ => return None,
+        })
+    }
+
     /// Whether running the same job again, unchanged, may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::InfraTransient | Self::Crashed)
@@ -244,6 +267,23 @@ mod tests {
             }
             .is_retryable()
         );
+        for c in [
+            FailureCause::InvalidSpec,
+            FailureCause::SecretDenied,
+            FailureCause::AgentExit {
+                code: Some(3),
+                signal: None,
+            },
+            FailureCause::TimedOut { resumable: true },
+            FailureCause::Cancelled,
+            FailureCause::InfraTransient,
+            FailureCause::Crashed,
+        ] {
+            assert_eq!(
+                FailureCause::from_record(c.kind(), Some(3), None, true),
+                Some(c)
+            );
+        }
         let json = serde_json::to_string(&FailureCause::TimedOut { resumable: true }).unwrap();
         assert_eq!(json, r#"{"kind":"timed_out","resumable":true}"#);
     }

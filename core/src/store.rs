@@ -627,6 +627,22 @@ impl JobStore {
         .await
     }
 
+    /// Notes that the failure record of `attempt` reached the DLQ.
+    pub async fn mark_failure_reported(
+        &self,
+        job: &JobId,
+        attempt: Attempt,
+    ) -> Result<(), StoreError> {
+        let mut e = Expr::default();
+        e.cond_eq(attr::ATTEMPT, n_attr(attempt.get()))
+            .set(attr::FAILURE_REPORTED, n_attr(attempt.get()));
+        self.update(job, "UpdateItem(reported)", e, || {
+            format!("attempt {attempt} no longer holds the job")
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Records a job whose message could not be run at all (malformed spec). Creates the
     /// record when missing; leaves a job that already ran alone.
     pub async fn record_invalid(
