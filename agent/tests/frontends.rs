@@ -113,7 +113,9 @@ async fn poller_killed_mid_job_the_message_returns_and_the_next_claim_takes_over
         "came back after {back_after:?}"
     );
 
-    let status = agent_cmd(&r, work.path(), &["poll", "--once", "--wait-seconds", "1"])
+    // The lease may still look live for a moment (stale after 3 s): the message is then
+    // left for 3 s, and a 5 s long poll picks it up again for the takeover.
+    let status = agent_cmd(&r, work.path(), &["poll", "--once", "--wait-seconds", "5"])
         .stderr(Stdio::null())
         .status()
         .unwrap();
