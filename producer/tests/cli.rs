@@ -960,3 +960,38 @@ async fn bad_input_names_the_field_or_setting() {
     assert_eq!(out.code, 0);
     assert!(out.stdout.contains("Exit codes:"));
 }
+
+/// Regression: `agentq logs JOB | head` exited 1 ("writing output failed: Broken pipe").
+#[tokio::test]
+async fn logs_into_a_pipe_closed_early_exits_zero() {
+    use tokio::io::AsyncReadExt;
+    let r = resources().await;
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        agentq(
+            &r,
+            dir.path(),
+            &["submit", "--job-id", "pipe-1", "--", "true"]
+        )
+        .await
+        .code,
+        0
+    );
+    let a = claim(&r, "pipe-1").await;
+    let big = "x".repeat(1023) + "\n";
+    put_segment(&r, "pipe-1", a, Stream::Stdout, 0, &big.repeat(4096)).await;
+    end(&r, "pipe-1", a, JobState::Succeeded).await;
+    let mut child = command(&r, dir.path(), &["logs", "pipe-1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    stdout.read_exact(&mut first).await.unwrap();
+    drop(stdout);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
