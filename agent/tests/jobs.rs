@@ -467,3 +467,45 @@ async fn a_failure_whose_record_never_reached_the_dlq_is_reported_on_redelivery(
     handle(&deps, vec![message("m1", &spec)], Duration::from_secs(60)).await;
     assert!(r.drain(&r.dlq_url).await.is_empty());
 }
+
+#[tokio::test]
+async fn the_lambda_handler_runs_without_the_runtime_on_the_fixture_event() {
+    use aws_lambda_events::event::sqs::SqsEvent;
+    let r = resources().await;
+    let root = work_root();
+    let deps = deps(&r, root.path(), &[]);
+    let json = std::fs::read_to_string(agentq_testkit::fixture("sqs-event.json")).unwrap();
+    let event: SqsEvent = serde_json::from_str(&json).unwrap();
+    // The fixture round-trips through the event type unchanged.
+    let back: Value = serde_json::to_value(&event).unwrap();
+    let orig: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(back["Records"][0]["body"], orig["Records"][0]["body"]);
+    assert_eq!(back["Records"].as_array().unwrap().len(), 3);
+
+    let mut ctx = lambda_runtime::Context::default();
+    ctx.request_id = "fixture-request".into();
+    ctx.deadline = (now_ms() + 60_000) as u64;
+    let resp = agentq_agent::lambda::handle(
+        &deps,
+        lambda_runtime::LambdaEvent::new(event.clone(), ctx),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert_eq!(record(&r, "fixture-ok").await.status, JobState::Succeeded);
+    assert_eq!(record(&r, "fixture-fail").await.status, JobState::Failed);
+
+    // With no time left, a job is not started: its message is left for later.
+    let mut late = lambda_runtime::Context::default();
+    late.deadline = now_ms() as u64;
+    let mut again = event;
+    again.records.truncate(1);
+    again.records[0].body = Some(claude("too-late", "turns=1"));
+    let resp = agentq_agent::lambda::handle(
+        &deps,
+        lambda_runtime::LambdaEvent::new(again, late),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(resp.batch_item_failures.len(), 1);
+}
