@@ -199,6 +199,35 @@ impl Fixture {
         )
     }
 
+    /// The image URI the function's code points at.
+    async fn image_uri(&self) -> Option<String> {
+        self.c
+            .lambda
+            .get_function()
+            .function_name(&self.function)
+            .send()
+            .await
+            .expect("function")
+            .code()
+            .and_then(|c| c.image_uri())
+            .map(str::to_owned)
+    }
+
+    /// The version the `live` alias points at.
+    async fn live_version(&self) -> String {
+        self.c
+            .lambda
+            .get_alias()
+            .function_name(&self.function)
+            .name("live")
+            .send()
+            .await
+            .expect("alias live")
+            .function_version()
+            .expect("version")
+            .to_owned()
+    }
+
     async fn mapping(&self) -> aws_sdk_lambda::types::EventSourceMappingConfiguration {
         let arn =
             agentq_testkit::queue_arn(&aws_sdk_sqs::Client::new(&self.r.sdk), &self.r.queue_url)
@@ -294,26 +323,8 @@ async fn deploy_bootstraps_updates_in_place_and_is_idempotent() {
     assert_eq!(step(&report, "version"), Action::Publish);
     assert_eq!(step(&report, "alias"), Action::Create);
     assert_eq!(step(&report, "event-source"), Action::Create);
-    let fn1 =
-        f.c.lambda
-            .get_function()
-            .function_name(&f.function)
-            .send()
-            .await
-            .expect("function");
-    assert_eq!(
-        fn1.code().and_then(|c| c.image_uri()),
-        Some(&*format!("{repo_uri}@{d1}"))
-    );
-    let alias =
-        f.c.lambda
-            .get_alias()
-            .function_name(&f.function)
-            .name("live")
-            .send()
-            .await
-            .expect("alias live");
-    let v1 = alias.function_version().expect("version").to_owned();
+    assert_eq!(f.image_uri().await, Some(format!("{repo_uri}@{d1}")));
+    let v1 = f.live_version().await;
     assert_eq!(report.version.as_deref(), Some(v1.as_str()));
     let m = f.mapping().await;
     let uuid = m.uuid().expect("uuid").to_owned();
@@ -363,28 +374,8 @@ async fn deploy_bootstraps_updates_in_place_and_is_idempotent() {
     assert_eq!(step(&r2, "version"), Action::Publish);
     assert_eq!(step(&r2, "alias"), Action::Update);
     assert_eq!(step(&r2, "event-source"), Action::Update);
-    let fn2 =
-        f.c.lambda
-            .get_function()
-            .function_name(&f.function)
-            .send()
-            .await
-            .expect("function");
-    assert_eq!(
-        fn2.code().and_then(|c| c.image_uri()),
-        Some(&*format!("{repo_uri}@{d2}"))
-    );
-    let v2 =
-        f.c.lambda
-            .get_alias()
-            .function_name(&f.function)
-            .name("live")
-            .send()
-            .await
-            .expect("alias")
-            .function_version()
-            .expect("version")
-            .to_owned();
+    assert_eq!(f.image_uri().await, Some(format!("{repo_uri}@{d2}")));
+    let v2 = f.live_version().await;
     assert_ne!(v1, v2, "the alias moved to a new version");
     let m2 = f.mapping().await;
     assert_eq!(

@@ -197,43 +197,22 @@ impl Env {
         self.store.require(job).await.expect("record")
     }
 
-    /// Visible messages of a queue: (body, job id attr, plan attr, not-before attr).
+    /// Visible messages of a queue: (body, job id attr, plan attr).
     async fn take(&self, queue: &str) -> Vec<(String, Option<String>, Option<String>)> {
-        let mut out = Vec::new();
-        loop {
-            let got = self
-                .sqs
-                .receive_message()
-                .queue_url(queue)
-                .max_number_of_messages(10)
-                .message_attribute_names("All")
-                .send()
-                .await
-                .expect("receive");
-            let msgs = got.messages.unwrap_or_default();
-            if msgs.is_empty() {
-                return out;
-            }
-            for m in msgs {
-                self.sqs
-                    .delete_message()
-                    .queue_url(queue)
-                    .receipt_handle(m.receipt_handle().unwrap_or_default())
-                    .send()
-                    .await
-                    .expect("delete");
+        self.r
+            .drain_messages(queue)
+            .await
+            .into_iter()
+            .map(|m| {
                 let attr = |k: &str| {
                     m.message_attributes()
                         .and_then(|a| a.get(k))
                         .and_then(|v| v.string_value().map(str::to_owned))
                 };
-                out.push((
-                    m.body().unwrap_or_default().to_owned(),
-                    attr(msg_attr::JOB_ID),
-                    attr(PLAN_ATTR),
-                ));
-            }
-        }
+                let (job, plan) = (attr(msg_attr::JOB_ID), attr(PLAN_ATTR));
+                (m.body.unwrap_or_default(), job, plan)
+            })
+            .collect()
     }
 
     async fn delayed(&self, queue: &str) -> i64 {

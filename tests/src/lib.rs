@@ -392,6 +392,16 @@ impl Resources {
 
     /// Every body currently receivable from `queue_url` (received and deleted).
     pub async fn drain(&self, queue_url: &str) -> Vec<String> {
+        self.drain_messages(queue_url)
+            .await
+            .into_iter()
+            .map(|m| m.body.unwrap_or_default())
+            .collect()
+    }
+
+    /// Every message currently receivable from `queue_url`, with its message attributes
+    /// (received and deleted).
+    pub async fn drain_messages(&self, queue_url: &str) -> Vec<aws_sdk_sqs::types::Message> {
         let sqs = aws_sdk_sqs::Client::new(&self.sdk);
         let mut out = Vec::new();
         loop {
@@ -399,6 +409,7 @@ impl Resources {
                 .receive_message()
                 .queue_url(queue_url)
                 .max_number_of_messages(10)
+                .message_attribute_names("All")
                 .wait_time_seconds(0)
                 .send()
                 .await
@@ -409,14 +420,14 @@ impl Resources {
             }
             for m in msgs {
                 if let Some(h) = m.receipt_handle() {
-                    let _ = sqs
-                        .delete_message()
+                    sqs.delete_message()
                         .queue_url(queue_url)
                         .receipt_handle(h)
                         .send()
-                        .await;
+                        .await
+                        .expect("delete");
                 }
-                out.push(m.body.unwrap_or_default());
+                out.push(m);
             }
         }
     }
