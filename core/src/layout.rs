@@ -64,6 +64,16 @@ pub mod attr {
     pub const FAILURE_REPORTED: &str = "failure_reported";
     /// Expiry, epoch seconds (N): the table's TTL attribute.
     pub const EXPIRES_AT: &str = "expires_at";
+
+    /// Fields of one attempt's map under `attempts.{n}`.
+    pub mod attempt {
+        pub const FINISHED_AT: &str = "finished_at";
+        pub const STATUS: &str = "status";
+        pub const CAUSE: &str = "cause";
+        pub const REASON: &str = "reason";
+        pub const EXIT_CODE: &str = "exit_code";
+        pub const SIGNAL: &str = "signal";
+    }
 }
 
 /// The GSI for listing jobs by state, newest first.

@@ -245,5 +245,26 @@ mod tests {
         .map(String::from)
         .collect();
         assert_eq!(keys, expected);
+
+        let a = AttemptRecord {
+            finished_at: Some(1),
+            status: Some(JobState::Failed),
+            cause: Some("c".into()),
+            reason: Some("r".into()),
+            exit_code: Some(1),
+            signal: Some(9),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&a).unwrap();
+        for k in [
+            attr::attempt::FINISHED_AT,
+            attr::attempt::STATUS,
+            attr::attempt::CAUSE,
+            attr::attempt::REASON,
+            attr::attempt::EXIT_CODE,
+            attr::attempt::SIGNAL,
+        ] {
+            assert!(v.get(k).is_some(), "AttemptRecord has no field {k}");
+        }
     }
 }

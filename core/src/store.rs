@@ -150,6 +150,7 @@ pub struct JobStore {
 #[derive(Default)]
 struct Expr {
     sets: Vec<String>,
+    adds: Vec<String>,
     removes: Vec<String>,
     conds: Vec<String>,
     names: HashMap<String, String>,
@@ -176,12 +177,21 @@ impl Expr {
         self.sets.push(format!("{n} = {v}"));
         self
     }
-    fn set_path(&mut self, parent: &str, child: &str, v: AttributeValue) -> &mut Self {
-        let p = self.name(parent);
-        let c = self.name(&format!("{parent}_{child}"));
-        self.names.insert(c.clone(), child.to_owned());
+    /// `SET a.b.c = v` (every segment goes through a name placeholder).
+    fn set_at(&mut self, path: &[&str], v: AttributeValue) -> &mut Self {
+        let p: Vec<String> = path.iter().map(|seg| self.name(seg)).collect();
         let v = self.val(v);
-        self.sets.push(format!("{p}.{c} = {v}"));
+        self.sets.push(format!("{} = {v}", p.join(".")));
+        self
+    }
+    fn set_path(&mut self, parent: &str, child: &str, v: AttributeValue) -> &mut Self {
+        self.set_at(&[parent, child], v)
+    }
+    /// `ADD attr v`: atomic increment of a number (a missing attribute counts as 0).
+    fn add(&mut self, attr: &str, v: AttributeValue) -> &mut Self {
+        let n = self.name(attr);
+        let v = self.val(v);
+        self.adds.push(format!("{n} {v}"));
         self
     }
     fn remove(&mut self, attr: &str) -> &mut Self {
@@ -222,6 +232,10 @@ impl Expr {
         if !self.removes.is_empty() {
             out.push_str(" REMOVE ");
             out.push_str(&self.removes.join(", "));
+        }
+        if !self.adds.is_empty() {
+            out.push_str(" ADD ");
+            out.push_str(&self.adds.join(", "));
         }
         out
     }
@@ -572,11 +586,8 @@ impl JobStore {
         fin: &Finish,
         now: EpochMillis,
     ) -> Result<JobRecord, StoreError> {
-        let prev = self.get(job).await?;
-        let started = prev
-            .as_ref()
-            .and_then(|r| r.current_attempt().cloned())
-            .unwrap_or_default();
+        // One write, no read: totals are ADDed, and the attempt's map (made by the claim)
+        // is completed field by field.
         let mut e = Expr::default();
         e.cond_state_in(fin.state.allowed_from())
             .cond_eq(attr::ATTEMPT, n_attr(attempt.get()))
@@ -585,11 +596,9 @@ impl JobStore {
             .set(attr::FINISHED_AT, n_attr(now))
             .set(attr::UPDATED_AT, n_attr(now))
             .set(attr::PROGRESS, to_av(&fin.progress))
-            .set(attr::EXPIRES_AT, self.expires_at(now));
-        let runtime = prev.as_ref().map(|r| r.runtime_ms).unwrap_or(0) + fin.runtime_ms;
-        let cost = prev.as_ref().map(|r| r.cost_usd).unwrap_or(0.0) + fin.progress.cost_usd;
-        e.set(attr::RUNTIME_MS, n_attr(runtime))
-            .set(attr::COST_USD, n_attr(cost));
+            .set(attr::EXPIRES_AT, self.expires_at(now))
+            .add(attr::RUNTIME_MS, n_attr(fin.runtime_ms))
+            .add(attr::COST_USD, n_attr(fin.progress.cost_usd));
         match &fin.cause {
             Some(c) => e.set(attr::CAUSE, s_attr(c.kind())),
             None => e.remove(attr::CAUSE),
@@ -608,19 +617,20 @@ impl JobStore {
         if let Some(s) = &fin.progress.session_id {
             e.set(attr::RESUME_SESSION, s_attr(s));
         }
-        e.set_path(
-            attr::ATTEMPTS,
-            &attempt.to_string(),
-            to_av(&AttemptRecord {
-                finished_at: Some(now),
-                status: Some(fin.state),
-                cause: fin.cause.as_ref().map(|c| c.kind().to_owned()),
-                reason: Some(fin.reason.clone()),
-                exit_code: fin.exit_code,
-                signal: fin.signal,
-                ..started
-            }),
-        );
+        let n = attempt.to_string();
+        let at = |field: &'static str| [attr::ATTEMPTS, n.as_str(), field];
+        e.set_at(&at(attr::attempt::FINISHED_AT), n_attr(now))
+            .set_at(&at(attr::attempt::STATUS), s_attr(fin.state.as_str()))
+            .set_at(&at(attr::attempt::REASON), s_attr(&fin.reason));
+        if let Some(c) = &fin.cause {
+            e.set_at(&at(attr::attempt::CAUSE), s_attr(c.kind()));
+        }
+        if let Some(c) = fin.exit_code {
+            e.set_at(&at(attr::attempt::EXIT_CODE), n_attr(c));
+        }
+        if let Some(sig) = fin.signal {
+            e.set_at(&at(attr::attempt::SIGNAL), n_attr(sig));
+        }
         self.update(job, "UpdateItem(finish)", e, || {
             format!("attempt {attempt} no longer holds the job; final write refused")
         })
