@@ -151,15 +151,34 @@ impl World {
         self.r.object(&key).await
     }
 
+    async fn manifest(&self, job: &str) -> Value {
+        let l = Layout::new(&self.r.prefix);
+        let key = l.result(&JobId::parse(job).unwrap(), Attempt(1));
+        serde_json::from_str(&self.r.object(&key).await).expect("result.json")
+    }
+
     /// Explains a failed job: its stderr and the model server's record.
     async fn explain(&self, job: &str) -> String {
         let stderr = self.stream(job, Stream::Stderr).await;
+        let stdout = self.stream(job, Stream::Stdout).await;
         let reqs = self.server.requests().await;
         let summary: Vec<String> = reqs
             .iter()
-            .map(|r| format!("{} {} -> {} ({:?})", r.method, r.path, r.status, r.kind))
+            .map(|r| {
+                format!(
+                    "{} {} -> {} ({:?}) tools {:?}",
+                    r.method,
+                    r.path,
+                    r.status,
+                    r.kind,
+                    r.tool_names()
+                )
+            })
             .collect();
-        format!("stderr:\n{stderr}\nmodel server saw:\n{}", summary.join("\n"))
+        format!(
+            "stdout:\n{stdout}\nstderr:\n{stderr}\nmodel server saw:\n{}",
+            summary.join("\n")
+        )
     }
 }
 
@@ -180,7 +199,10 @@ fn the_result(events: &[Value]) -> &Value {
 }
 
 async fn assert_workspace_gone(root: &Path) {
-    assert!(is_empty_dir(&root.join("ws")), "the workspace was not removed");
+    assert!(
+        is_empty_dir(&root.join("ws")),
+        "the workspace was not removed"
+    );
 }
 
 // --------------------------------------------------------------------------- Claude Code
@@ -281,20 +303,41 @@ async fn claude_code_tool_job_leaves_an_artifact_and_records_turns_tokens_and_co
         (Some(3500), Some(100)),
         "the CLI's session usage is the sum of the scripted usage: {result}"
     );
-    assert_eq!(
-        (rec.progress.input_tokens, rec.progress.output_tokens),
-        (3500, 100),
-        "the record's tokens are the session's total"
-    );
 
-    let l = Layout::new(&w.r.prefix);
-    let manifest: Value = serde_json::from_str(
-        &w.r.object(&l.result(&JobId::parse(job).unwrap(), Attempt(1)))
-            .await,
-    )
-    .unwrap();
+    let manifest = w.manifest(job).await;
     assert_eq!(manifest["artifacts"][0]["path"], "reports/summary.txt");
     assert_workspace_gone(w.root.path()).await;
+}
+
+/// Claude Code prints one `assistant` event per content block, each carrying the usage of
+/// the whole message; the record must hold the session's tokens (the `result` event's),
+/// not a sum over blocks.
+#[tokio::test]
+async fn claude_code_record_holds_the_session_tokens_not_a_sum_over_content_blocks() {
+    let script = Script::new()
+        .turn(
+            Turn::bash("true")
+                .saying("Two blocks in one message.")
+                .usage(1000, 50),
+        )
+        .turn(Turn::text("Finished.").usage(1200, 30));
+    let w = World::new(script, false).await;
+    let job = "claude-tokens";
+    let (spec, _) = w.claude_spec(job, "Run true.", json!({})).await;
+    let rec = w.run(job, &spec).await;
+    assert_eq!(rec.status, JobState::Succeeded, "{}", w.explain(job).await);
+    let events = w.events(job).await;
+    let blocks = of_type(&events, "assistant").len();
+    assert_eq!(blocks, 3, "text + tool_use, then text: {events:?}");
+    let result = the_result(&events);
+    assert_eq!(result["usage"]["input_tokens"], 2200);
+    assert_eq!(result["usage"]["output_tokens"], 80);
+    assert_eq!(
+        (rec.progress.input_tokens, rec.progress.output_tokens),
+        (2200, 80),
+        "the record's tokens are the session's total"
+    );
+    assert_eq!(rec.progress.turns, 2);
 }
 
 #[tokio::test]
@@ -312,7 +355,10 @@ async fn claude_code_max_turns_stops_the_real_cli() {
     assert_eq!(rec.cause.as_deref(), Some("agent_exit"));
     assert_eq!(rec.exit_code, Some(1));
     assert!(
-        rec.reason.as_deref().unwrap_or("").contains("error_max_turns"),
+        rec.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("error_max_turns"),
         "the reason names the CLI's stop: {:?}",
         rec.reason
     );
@@ -397,11 +443,9 @@ async fn codex_one_turn_job_succeeds() {
         .to_owned();
     assert_eq!(rec.progress.session_id.as_deref(), Some(thread.as_str()));
     assert!(
-        events
-            .iter()
-            .any(|e| e["type"] == "item.completed"
-                && e["item"]["type"] == "agent_message"
-                && e["item"]["text"] == "Hello from the scripted model."),
+        events.iter().any(|e| e["type"] == "item.completed"
+            && e["item"]["type"] == "agent_message"
+            && e["item"]["text"] == "Hello from the scripted model."),
         "{events:?}"
     );
     assert_eq!(rec.progress.turns, 1);
@@ -436,6 +480,13 @@ async fn codex_tool_job_leaves_an_artifact_and_records_turns_and_tokens() {
     let rec = w.run(job, &spec).await;
     assert_eq!(rec.status, JobState::Succeeded, "{}", w.explain(job).await);
 
+    let manifest = w.manifest(job).await;
+    assert_eq!(
+        manifest["artifacts"][0]["path"],
+        "codex.txt",
+        "{manifest}\n{}",
+        w.explain(job).await
+    );
     assert_eq!(w.artifact(job, "codex.txt").await, "built by codex\n");
     let events = w.events(job).await;
     let commands: Vec<&Value> = events

@@ -157,21 +157,26 @@ impl RecordedRequest {
         !self.side && (self.path.contains("/v1/messages") || self.path.contains("/v1/responses"))
     }
 
-    /// Names of the tools the CLI offered the model.
+    /// Names of the tools the CLI offered the model: the top-level `tools`, and those in
+    /// the namespaces of `additional_tools` input items (Codex's code mode).
     pub fn tool_names(&self) -> Vec<String> {
-        self.body["tools"]
-            .as_array()
-            .map(|ts| {
-                ts.iter()
-                    .filter_map(|t| {
-                        t["name"]
-                            .as_str()
-                            .or_else(|| t["type"].as_str())
-                            .map(str::to_owned)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        fn walk(tools: &Value, out: &mut Vec<String>) {
+            for t in tools.as_array().into_iter().flatten() {
+                if t["type"] == "namespace" {
+                    walk(&t["tools"], out);
+                } else if let Some(n) = t["name"].as_str().or_else(|| t["type"].as_str()) {
+                    out.push(n.to_owned());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.body["tools"], &mut out);
+        for item in self.body["input"].as_array().into_iter().flatten() {
+            if item["type"] == "additional_tools" {
+                walk(&item["tools"], &mut out);
+            }
+        }
+        out
     }
 
     /// The body as JSON text (for `contains` checks on the conversation).
@@ -189,7 +194,10 @@ pub struct ModelServer {
 }
 
 fn server_path() -> PathBuf {
-    crate::repo_root().join("tests").join("models").join("model-server")
+    crate::repo_root()
+        .join("tests")
+        .join("models")
+        .join("model-server")
 }
 
 impl ModelServer {
@@ -230,11 +238,9 @@ impl ModelServer {
                 let _ = child.start_kill();
                 let mut err = String::new();
                 if let Some(mut e) = child.stderr.take() {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        e.read_to_string(&mut err),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), e.read_to_string(&mut err))
+                            .await;
                 }
                 panic!("the model server did not start (first line {first:?}): {err}");
             }

@@ -23,7 +23,9 @@ async fn the_installer_fails_loudly_when_the_registry_is_unreachable() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(out.stdout.is_empty(), "no install directory is printed");
     assert!(
-        stderr.contains(&format!("the npm registry (http://127.0.0.1:{port}/) is unreachable")),
+        stderr.contains(&format!(
+            "the npm registry (http://127.0.0.1:{port}/) is unreachable"
+        )),
         "{stderr}"
     );
     assert!(stderr.contains("not skipped"), "{stderr}");

@@ -331,6 +331,35 @@ async fn openai_responses_stream_calls_the_shell_tool_codex_offers() {
 }
 
 #[tokio::test]
+async fn in_codex_code_mode_the_command_runs_through_a_javascript_exec_cell() {
+    let server = ModelServer::start(&Script::new().turn(Turn::bash("echo \"hi there\""))).await;
+    // Codex's default model gets no top-level tools, only namespaces in an input item.
+    let req = json!({"model": "gpt-default", "stream": true, "input": [
+        {"type": "additional_tools", "role": "developer", "tools": [
+            {"type": "namespace", "name": "functions", "tools": [
+                {"type": "custom", "name": "exec"}, {"type": "function", "name": "wait"}]}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]});
+    let (_, body) = server
+        .request("POST", "/v1/responses", &[], &req.to_string())
+        .await;
+    let call = sse(&body)
+        .into_iter()
+        .find(|(n, _)| n == "response.output_item.done")
+        .unwrap()
+        .1;
+    assert_eq!(call["item"]["type"], "custom_tool_call");
+    assert_eq!(call["item"]["name"], "exec");
+    assert_eq!(
+        call["item"]["input"],
+        "const r = await tools.exec_command({\"cmd\": \"echo \\\"hi there\\\"\"});\ntext(r);"
+    );
+    assert_eq!(
+        server.turn_requests().await[0].tool_names(),
+        ["exec", "wait"]
+    );
+}
+
+#[tokio::test]
 async fn a_sleeping_turn_answers_late() {
     let server = ModelServer::start(&Script::new().turn(Turn::text("late").after_sleep(1.0))).await;
     let started = std::time::Instant::now();
