@@ -373,6 +373,41 @@ async fn claude_code_max_turns_stops_the_real_cli() {
 }
 
 #[tokio::test]
+async fn claude_code_max_budget_usd_stops_the_real_cli() {
+    // Each model turn costs about $0.53 at the CLI's list price for its default model
+    // (100k input + 1k output tokens); the spec allows $1.20.
+    let script = Script::new().then_always(Turn::bash("echo still working").usage(100_000, 1_000));
+    let w = World::new(script, false).await;
+    let job = "claude-budget";
+    let (spec, _) = w
+        .claude_spec(job, "Spend.", json!({"max_budget_usd": 1.2}))
+        .await;
+    let rec = w.run(job, &spec).await;
+
+    assert_eq!(rec.status, JobState::Failed, "{}", w.explain(job).await);
+    assert_eq!(rec.cause.as_deref(), Some("agent_exit"));
+    assert!(
+        rec.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("error_max_budget_usd"),
+        "the reason names the CLI's stop: {:?}",
+        rec.reason
+    );
+    let result = the_result(&w.events(job).await).clone();
+    assert_eq!(result["subtype"], "error_max_budget_usd");
+    let cost = result["total_cost_usd"].as_f64().unwrap();
+    // The CLI checks the budget after each turn, so it ends one turn past it.
+    assert!(cost >= 1.2, "{result}");
+    assert!((rec.progress.cost_usd - cost).abs() < 1e-9);
+    let turns = w.server.turn_requests().await.len();
+    assert!(
+        (2..=4).contains(&turns),
+        "the CLI stopped after a few turns, not {turns}"
+    );
+}
+
+#[tokio::test]
 async fn claude_code_starts_the_image_mcp_servers_and_lists_them_in_its_init_event() {
     let w = World::new(Script::new().turn(Turn::text("ok")), true).await;
     let job = "claude-mcp";
