@@ -103,14 +103,16 @@ impl World {
     }
 
     async fn run(&self, job: &str, spec: &str) -> JobRecord {
+        let started = std::time::Instant::now();
         let resp = handle(&self.deps, vec![message("m1", spec)], INVOCATION).await;
+        let took = started.elapsed();
         assert!(
             resp.batch_item_failures.is_empty(),
             "{job}: the message was not acknowledged"
         );
         let rec = record(&self.r, job).await;
         eprintln!(
-            "{job}: {} ({}) progress {:?}",
+            "{job}: {} in {took:.1?} ({}) progress {:?}",
             rec.status,
             rec.reason.as_deref().unwrap_or(""),
             rec.progress
