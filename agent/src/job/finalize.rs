@@ -520,6 +520,15 @@ fn classify(
                 format!("stopped because {why} ({how}{killed})"),
             )
         }
+        // The CLI stopped itself at the job's spend cap.
+        None if progress.last_event.as_deref() == Some("result/error_max_budget_usd") => (
+            JobState::Failed,
+            Some(FailureCause::BudgetExceeded),
+            format!(
+                "the agent CLI stopped at the job's max_budget_usd ({}) ({how})",
+                spec.spec.max_budget_usd.unwrap_or_default()
+            ),
+        ),
         None if ended.code == Some(0) && signal.is_none() => {
             (JobState::Succeeded, None, "exit code 0".into())
         }
