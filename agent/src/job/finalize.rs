@@ -127,7 +127,7 @@ const TAIL: Duration = Duration::from_millis(1500);
 
 /// What the finalize needs besides uploads (final write, failure record, manifest, and a
 /// margin): the supervisor keeps at least the grace period plus this before the deadline.
-pub(super) const FINAL_OVERHEAD: Duration = Duration::from_secs(3);
+pub(super) const FINAL_OVERHEAD: Duration = Duration::from_secs(4);
 
 /// An attempt that ended before its child started: the final write and the failure
 /// record only.
