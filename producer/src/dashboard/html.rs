@@ -61,7 +61,7 @@ pub fn layout(title: &str, nav: Nav, body: &str) -> String {
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{} · agentq</title><link rel="stylesheet" href="/assets/style.css"><script src="/assets/app.js" defer></script></head>
+<title>{} · agentq</title><link rel="icon" href="/assets/icon.svg" type="image/svg+xml"><link rel="stylesheet" href="/assets/style.css"><script src="/assets/app.js" defer></script></head>
 <body><header class="top"><a class="brand" href="/">agentq</a><nav><a href="/"{}>Jobs</a><a href="/failures"{}>Failures &amp; DLQ</a></nav><span id="conn" class="conn" title="live updates">●</span></header>
 <main>{body}</main></body></html>
 "#,

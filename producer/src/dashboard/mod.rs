@@ -55,6 +55,7 @@ const FAILURES_LIMIT: usize = 100;
 
 const APP_JS: &str = include_str!("assets/app.js");
 const STYLE_CSS: &str = include_str!("assets/style.css");
+const ICON_SVG: &str = include_str!("assets/icon.svg");
 
 /// Settings of a dashboard.
 #[derive(Debug, Clone)]
@@ -144,6 +145,8 @@ impl Dashboard {
             .route("/jobs/{id}/logs/{attempt}/{stream}", get(full_log))
             .route("/assets/app.js", get(app_js))
             .route("/assets/style.css", get(style_css))
+            .route("/assets/icon.svg", get(icon_svg))
+            .route("/favicon.ico", get(icon_svg))
             .route("/healthz", get(|| async { "ok" }))
             .fallback(not_found)
             .layer(middleware::from_fn_with_state(self.app.clone(), frame))
@@ -517,6 +520,17 @@ async fn style_css() -> Response {
             (header::CACHE_CONTROL, "no-cache"),
         ],
         STYLE_CSS,
+    )
+        .into_response()
+}
+
+async fn icon_svg() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "max-age=86400"),
+        ],
+        ICON_SVG,
     )
         .into_response()
 }
