@@ -36,10 +36,11 @@ try {
   const pageErrors = [];
   page.on('pageerror', (e) => pageErrors.push(String(e)));
   page.on('console', (m) => { if (m.type() === 'error') pageErrors.push(m.text()); });
-  const shot = async (name) => {
+  const shot = async (name, fullPage = false) => {
     if (!SHOTS) return;
     mkdirSync(SHOTS, { recursive: true });
-    await page.screenshot({ path: join(SHOTS, name), fullPage: false });
+    await page.evaluate(() => window.scrollTo(0, 0));
+    await page.screenshot({ path: join(SHOTS, name), fullPage });
   };
 
   // 1. The list shows the submitted job and updates itself when the agent starts it.
@@ -98,7 +99,7 @@ try {
   assert.equal(await page.locator('#log-stdout').isHidden(), true);
   await page.locator('[data-tab="stdout"]').click();
   check('the events tab');
-  await shot('dashboard-job.png');
+  await shot('dashboard-job.png', true);
 
   // 4. Cancel from the page: the agent stops the job at its next heartbeat.
   page.once('dialog', (d) => d.accept());
