@@ -136,7 +136,10 @@ async fn list_shows_jobs_and_filters_them() {
     assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
 
     let (_, _, frag) = e.get("/fragments/jobs?label=team%3Da").await;
-    assert!(frag.contains(a.as_str()) && !frag.contains(b.as_str()), "{frag}");
+    assert!(
+        frag.contains(a.as_str()) && !frag.contains(b.as_str()),
+        "{frag}"
+    );
     assert!(!frag.contains("<html"), "a fragment, not a page");
     let (_, _, frag) = e.get("/fragments/jobs?label=team").await;
     assert!(frag.contains(a.as_str()) && frag.contains(b.as_str()));
@@ -147,7 +150,10 @@ async fn list_shows_jobs_and_filters_them() {
 
     let (status, _, page) = e.get("/?state=SLEEPING").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(page.contains("state: &quot;SLEEPING&quot; is not a job state"), "{page}");
+    assert!(
+        page.contains("state: &quot;SLEEPING&quot; is not a job state"),
+        "{page}"
+    );
     let (status, _, _) = e.get("/jobs/..%2Fetc").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _, page) = e.get(&format!("/jobs/{}", unique("nope"))).await;
@@ -208,7 +214,11 @@ async fn host_token_and_origin_guard_changes() {
 
     for (headers, body, why) in [
         (vec![("host", HOST)], String::new(), "no token"),
-        (vec![("host", HOST)], "token=guess".to_owned(), "wrong token"),
+        (
+            vec![("host", HOST)],
+            "token=guess".to_owned(),
+            "wrong token",
+        ),
         (
             vec![("host", HOST), ("origin", "http://attacker.example")],
             token.clone(),
@@ -254,7 +264,10 @@ async fn host_token_and_origin_guard_changes() {
     assert_eq!(rec.history.last().unwrap().action, "cancel");
     let (_, _, page) = e.get(&format!("/jobs/{job}?cancel=cancelled")).await;
     assert!(page.contains("will never run"));
-    assert!(!page.contains(r#"id="cancel""#), "no cancel button on a finished job");
+    assert!(
+        !page.contains(r#"id="cancel""#),
+        "no cancel button on a finished job"
+    );
 }
 
 /// Reads server-sent events from a response body until `want` says stop.
@@ -308,7 +321,8 @@ async fn live_stream_sends_new_segments_as_they_arrive() {
     let e = env().await;
     let job = e.submit(&unique("dash-live"), &[]).await;
     let attempt = e.claim(&job).await;
-    e.put(&job, attempt, Stream::Stdout, 0, "first line\n").await;
+    e.put(&job, attempt, Stream::Stdout, 0, "first line\n")
+        .await;
     e.put(
         &job,
         attempt,
@@ -349,8 +363,14 @@ async fn live_stream_sends_new_segments_as_they_arrive() {
         &mut buf,
     )
     .await;
-    assert!(summary.contains("RUNNING") && summary.contains("<svg"), "{summary}");
-    assert!(summary.contains(r#"name="token""#), "a running job can be cancelled");
+    assert!(
+        summary.contains("RUNNING") && summary.contains("<svg"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(r#"name="token""#),
+        "a running job can be cancelled"
+    );
     let stdout = logs.iter().find(|l| l["stream"] == "stdout").unwrap();
     assert_eq!(stdout["text"], "first line\n");
     assert_eq!(stdout["attempt"], 1);
@@ -418,7 +438,12 @@ async fn live_stream_sends_new_segments_as_they_arrive() {
     // The whole log as plain text.
     let (status, headers, text) = e.get(&format!("/jobs/{job}/logs/1/stdout")).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     assert_eq!(text, format!("first line\n{HOSTILE}\n"));
 }
 
@@ -487,7 +512,11 @@ async fn failures_page_shows_dlq_depth_without_consuming_it() {
         );
         assert!(page.contains(dead.as_str()) && page.contains("spec_version: missing"));
     }
-    assert_eq!(e.r.drain(&e.r.dlq_url).await.len(), 2, "nothing was consumed");
+    assert_eq!(
+        e.r.drain(&e.r.dlq_url).await.len(),
+        2,
+        "nothing was consumed"
+    );
 }
 
 #[tokio::test]
@@ -526,7 +555,10 @@ async fn the_binary_serves_until_sigterm() {
     tokio::io::AsyncReadExt::read_to_string(&mut s, &mut resp)
         .await
         .unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200") && resp.ends_with("ok"), "{resp}");
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("ok"),
+        "{resp}"
+    );
 
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")

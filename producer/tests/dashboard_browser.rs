@@ -197,7 +197,9 @@ async fn the_dashboard_in_chromium() {
     assert_eq!(rec.status, JobState::Cancelled, "{rec:?}");
     assert!(rec.cancel_requested);
     assert!(
-        rec.history.iter().any(|d| d.action == "cancel" && d.by == "producer"),
+        rec.history
+            .iter()
+            .any(|d| d.action == "cancel" && d.by == "producer"),
         "{:?}",
         rec.history
     );
