@@ -353,10 +353,7 @@ pub fn job_summary(rec: &JobRecord, chart_svg: &str, token: &str, now: EpochMill
         .map(|a| a.started_at)
         .or(rec.started_at)
         .map(|st| duration(rec.finished_at.unwrap_or(now) - st));
-    let heartbeat = match (rec.status, rec.heartbeat_at) {
-        (JobState::Running, Some(h)) => format!("{} ({} ago)", time(h), duration(now - h)),
-        (_, h) => opt_time(h),
-    };
+    let heartbeat = opt_time(rec.heartbeat_at);
     let mut facts: Vec<(&str, String)> = vec![
         (
             "agent",
