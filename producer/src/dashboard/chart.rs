@@ -220,7 +220,8 @@ pub fn svg(points: &[Point], start: EpochMillis, now: EpochMillis, partial: bool
     const GAP: f64 = 18.0;
     const LEFT: f64 = 86.0;
     const RIGHT: f64 = 12.0;
-    let panels: [(&str, fn(&Usage) -> f64, fn(f64) -> String); 3] = [
+    type Panel = (&'static str, fn(&Usage) -> f64, fn(f64) -> String);
+    let panels: [Panel; 3] = [
         ("turns", |u| u.turns as f64, |v| format!("{v:.0}")),
         ("tokens", |u| u.tokens() as f64, |v| format!("{v:.0}")),
         ("cost $", |u| u.cost_usd, |v| format!("{v:.4}")),

@@ -338,12 +338,12 @@ async fn failures_html(app: &App) -> WebResult<String> {
 }
 
 async fn failures_page(State(app): State<Arc<App>>) -> WebResult {
-    let frag = failures_html(&app).await?;
+    let frag = Box::pin(failures_html(&app)).await?;
     Ok(Html(html::failures_page(&frag, app.opts.refresh.as_millis())).into_response())
 }
 
 async fn failures_fragment(State(app): State<Arc<App>>) -> WebResult {
-    Ok(Html(failures_html(&app).await?).into_response())
+    Ok(Html(Box::pin(failures_html(&app)).await?).into_response())
 }
 
 async fn job_page(
