@@ -70,6 +70,11 @@ pub struct AgentArgs {
     /// The Codex CLI.
     #[arg(long, env = "AGENTQ_CODEX_BIN", default_value = "codex", global = true)]
     pub codex_bin: String,
+    /// Codex `config.toml` copied into each codex job's `$HOME/.codex/` (model provider,
+    /// sandbox, approvals). Default: a config with `sandbox_mode = "danger-full-access"`
+    /// and `approval_policy = "never"` (the job's own isolation is agentq's).
+    #[arg(long, env = "AGENTQ_CODEX_CONFIG", global = true)]
+    pub codex_config: Option<PathBuf>,
     /// MCP servers config (`.mcp.json` shape) passed to Claude Code with --mcp-config.
     #[arg(long, env = "AGENTQ_MCP_CONFIG", global = true)]
     pub mcp_config: Option<PathBuf>,
@@ -179,6 +184,7 @@ pub struct AgentConfig {
     pub claude_bin: String,
     pub codex_bin: String,
     pub mcp_config: Option<PathBuf>,
+    pub codex_config: Option<PathBuf>,
     pub claude_permission_mode: String,
     pub child_path: String,
     pub job_role_arn: Option<String>,
@@ -336,6 +342,7 @@ impl AgentConfig {
             claude_bin: a.claude_bin.clone(),
             codex_bin: a.codex_bin.clone(),
             mcp_config: a.mcp_config.clone(),
+            codex_config: a.codex_config.clone(),
             claude_permission_mode: a.claude_permission_mode.clone(),
             child_path: a.child_path.clone(),
             job_role_arn: a.job_role_arn.clone().filter(|s| !s.is_empty()),

@@ -49,6 +49,10 @@ impl World {
         } else {
             None
         };
+        // Codex reads its provider from `$HOME/.codex/config.toml`, which the agent writes
+        // into each job's workspace from this file.
+        let codex_home = write_codex_home(&root.path().join("codex"), &server).await;
+        let codex_config = codex_home.join("config.toml").display().to_string();
         let mut extra = vec![
             "--claude-bin",
             &claude,
@@ -56,6 +60,8 @@ impl World {
             &codex,
             "--child-path",
             &path,
+            "--codex-config",
+            &codex_config,
         ];
         if let Some(m) = &mcp {
             extra.extend(["--mcp-config", m.as_str()]);
@@ -87,16 +93,15 @@ impl World {
         (spec.to_string(), key)
     }
 
-    /// A codex spec: a CODEX_HOME whose config.toml points at the model server, the API
+    /// A codex spec (the agent writes the config.toml that points Codex at the model
+    /// server into the job's home), the API
     /// key as an SSM secret.
     async fn codex_spec(&self, job: &str, prompt: &str) -> (String, String) {
         let key = format!("sk-openai-test-{}", ulid::Ulid::new());
         let param = format!("{}openai-api-key", self.r.secrets_prefix);
         self.r.put_secret(&param, &key).await;
-        let home = write_codex_home(&self.root.path().join("codex-home"), &self.server).await;
         let spec = json!({
             "spec_version": 1, "job_id": job, "agent": "codex", "prompt": prompt,
-            "env": {"CODEX_HOME": home.display().to_string()},
             "secrets": {"OPENAI_API_KEY": param},
         });
         (spec.to_string(), key)
@@ -386,14 +391,16 @@ async fn claude_code_max_budget_usd_stops_the_real_cli() {
         .await;
     let rec = w.run(job, &spec).await;
 
+    // The CLI stops itself at the cap (and the platform would, from the reported spend):
+    // either way the attempt ends as a budget stop the dispatcher does not retry.
     assert_eq!(rec.status, JobState::Failed, "{}", w.explain(job).await);
-    assert_eq!(rec.cause.as_deref(), Some("agent_exit"));
+    assert_eq!(rec.cause.as_deref(), Some("budget_exceeded"));
     assert!(
         rec.reason
             .as_deref()
             .unwrap_or("")
-            .contains("error_max_budget_usd"),
-        "the reason names the CLI's stop: {:?}",
+            .contains("max_budget_usd"),
+        "the reason names the cap: {:?}",
         rec.reason
     );
     let result = the_result(&w.events(job).await).clone();

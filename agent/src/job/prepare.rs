@@ -78,6 +78,18 @@ pub(super) async fn prepare(
             credentials::CredentialsError::NoRole.to_string(),
         ));
     }
+    // The spend cap holds across segments: what earlier attempts spent counts.
+    if let Some(budget) = spec.spec.max_budget_usd
+        && input.record.cost_usd >= budget
+    {
+        return Err(fail(
+            FailureCause::BudgetExceeded,
+            format!(
+                "the job already spent ${:.4} of its max_budget_usd ${budget}",
+                input.record.cost_usd
+            ),
+        ));
+    }
     let secrets = match secrets::resolve(
         &deps.clients.ssm,
         &spec.spec.secrets,
@@ -205,6 +217,14 @@ pub(super) async fn prepare(
     if let (Some(p), Some(i)) = (&mcp, id) {
         let _ = std::os::unix::fs::lchown(p, Some(i.uid), Some(i.gid));
     }
+    if spec.spec.agent == AgentPreset::Codex
+        && let Err(e) = write_codex_config(cfg.codex_config.as_deref(), &ws, id).await
+    {
+        return Err(fail(
+            FailureCause::InfraTransient,
+            format!("could not prepare the Codex config: {e}"),
+        ));
+    }
     let mut child = build_child(
         deps,
         spec,
@@ -214,6 +234,8 @@ pub(super) async fn prepare(
         &secrets,
         resume.as_deref(),
         mcp.as_deref(),
+        id.is_none() && isolation::is_root(),
+        input.record.cost_usd,
     );
     if let Some(c) = &credentials {
         child.env.extend(c.env.iter().cloned());
@@ -266,6 +288,40 @@ async fn render_mcp_config(path: &std::path::Path, ws: &Workspace) -> Option<std
     }
 }
 
+/// What Codex runs with when the operator gives no config: no sandbox of its own (the
+/// job's isolation is agentq's, and Codex's Linux sandbox refuses every write otherwise)
+/// and no approval prompts (nobody is there to answer).
+const DEFAULT_CODEX_CONFIG: &str = "# Written by agentq for this job (AGENTQ_CODEX_CONFIG replaces it).\nsandbox_mode = \"danger-full-access\"\napproval_policy = \"never\"\n";
+
+/// `$HOME/.codex/config.toml` of a codex job: the operator's file, or the default. Codex
+/// keeps its sessions next to it, inside the workspace's `home/`, so a checkpoint carries
+/// them to the next segment.
+async fn write_codex_config(
+    template: Option<&std::path::Path>,
+    ws: &Workspace,
+    id: Option<JobIdentity>,
+) -> std::io::Result<()> {
+    let dir = ws.home.join(".codex");
+    tokio::fs::create_dir_all(&dir).await?;
+    let text = match template {
+        Some(p) => tokio::fs::read_to_string(p).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("AGENTQ_CODEX_CONFIG {}: {e}", p.display()),
+            )
+        })?,
+        None => DEFAULT_CODEX_CONFIG.to_owned(),
+    };
+    let file = dir.join("config.toml");
+    tokio::fs::write(&file, text).await?;
+    if let Some(i) = id {
+        for p in [&dir, &file] {
+            std::os::unix::fs::lchown(p, Some(i.uid), Some(i.gid))?;
+        }
+    }
+    Ok(())
+}
+
 /// Longest prompt passed as an argument; longer ones go through stdin.
 const PROMPT_ARG_MAX: usize = 64 * 1024;
 
@@ -282,6 +338,8 @@ fn build_child(
     secrets: &Secrets,
     resume: Option<&str>,
     mcp_config: Option<&std::path::Path>,
+    child_runs_as_root: bool,
+    spent_before: f64,
 ) -> ChildSpec {
     let cfg = &deps.config;
     let s = &spec.spec;
@@ -316,7 +374,9 @@ fn build_child(
                 a.extend(["--max-turns".into(), n.to_string()]);
             }
             if let Some(b) = s.max_budget_usd {
-                a.extend(["--max-budget-usd".into(), b.to_string()]);
+                // What is left of the job's cap after earlier segments.
+                let left = (b - spent_before).max(0.01);
+                a.extend(["--max-budget-usd".into(), format!("{left:.4}")]);
             }
             if let Some(m) = &s.model {
                 a.extend(["--model".into(), m.clone()]);
@@ -377,6 +437,19 @@ fn build_child(
     }
     if let Some(r) = resume {
         env.push(("AGENTQ_RESUME_SESSION".into(), r.to_owned()));
+    }
+    if s.agent == AgentPreset::ClaudeCode {
+        // Headless: no update checks, telemetry or other calls besides the model API.
+        env.push(("DISABLE_AUTOUPDATER".into(), "1".into()));
+        env.push((
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
+            "1".into(),
+        ));
+        // Claude Code refuses bypassPermissions as root unless told it is sandboxed; a
+        // root child only exists when the operator turned uid isolation off.
+        if cfg.claude_permission_mode == "bypassPermissions" && child_runs_as_root {
+            env.push(("IS_SANDBOX".into(), "1".into()));
+        }
     }
     env.extend(cfg.child_env.iter().cloned());
     env.extend(s.env.iter().map(|(k, v)| (k.clone(), v.clone())));
