@@ -83,6 +83,10 @@ struct Manifest<'a> {
     killed: bool,
     stop_reason: Option<StopReason>,
     started_at: EpochMillis,
+    /// When the child was spawned (after prepare: secrets, workspace, restore).
+    child_started_at: EpochMillis,
+    /// When the child ended (the finalize starts here).
+    child_ended_at: EpochMillis,
     finished_at: EpochMillis,
     duration_ms: u64,
     child_deadline_at: EpochMillis,
@@ -297,6 +301,8 @@ pub(super) async fn finalize(
         killed: sup.ended.killed,
         stop_reason: sup.stop,
         started_at: clock.started_ms,
+        child_started_at: epoch_of(sup.child_started),
+        child_ended_at: epoch_of(sup.child_ended),
         finished_at: finished_ms,
         duration_ms: (finished_ms - clock.started_ms).max(0) as u64,
         child_deadline_at: epoch_of(sup.child_deadline),
