@@ -1,8 +1,17 @@
-//! Streaming redaction of secret values. A secret split across two writes or two chunks
-//! is still caught: the redactor holds back the shortest tail that could be the start of
-//! a secret until the next chunk (or the end of the stream) decides.
+//! Streaming redaction of secret values in every form the tools of a job print them
+//! (raw, line by line, JSON-escaped, URL-encoded, base64: [`forms`]). A secret split
+//! across two writes or two chunks is still caught: the redactor holds back the shortest
+//! tail that could be the start of a form until the next chunk (or the end of the stream)
+//! decides. Streaming gives exactly what [`Redactor::redact_bytes`] gives on the whole
+//! text, whatever the chunking.
+
+mod forms;
+mod tail;
 
 use aho_corasick::{AhoCorasick, MatchKind};
+
+pub use forms::{MIN_FRAGMENT_LEN, MIN_LINE_LEN, base64, base64_core, forms, secret_lines};
+use tail::{PrefixAutomaton, ROOT};
 
 /// What replaces a secret value.
 pub const MASK: &[u8] = b"[REDACTED]";
@@ -11,13 +20,30 @@ pub const MASK: &[u8] = b"[REDACTED]";
 /// agent refuses to start a job with such a secret instead (see `secrets`).
 pub const MIN_SECRET_LEN: usize = 4;
 
-/// A stream redactor; one per output stream.
-#[derive(Debug)]
+/// A stream redactor; one per output stream. `Debug` shows counts, never a secret.
 pub struct Redactor {
-    secrets: Vec<Vec<u8>>,
-    matcher: Option<AhoCorasick>,
+    matcher: Option<Matcher>,
     carry: Vec<u8>,
-    max_len: usize,
+    /// The prefix automaton's state after everything pushed so far.
+    state: u32,
+}
+
+struct Matcher {
+    ac: AhoCorasick,
+    tail: PrefixAutomaton,
+    patterns: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redactor")
+            .field(
+                "patterns",
+                &self.matcher.as_ref().map_or(0, |m| m.patterns.len()),
+            )
+            .field("held_back", &self.carry.len())
+            .finish()
+    }
 }
 
 impl Redactor {
@@ -26,61 +52,59 @@ impl Redactor {
         I: IntoIterator<Item = S>,
         S: AsRef<[u8]>,
     {
-        let mut secrets: Vec<Vec<u8>> = secrets
+        let mut patterns: Vec<Vec<u8>> = secrets
             .into_iter()
-            .map(|s| s.as_ref().to_vec())
-            .filter(|s| s.len() >= MIN_SECRET_LEN)
+            .filter(|s| s.as_ref().len() >= MIN_SECRET_LEN)
+            .flat_map(|s| forms(s.as_ref()))
+            .filter(|f| f.len() >= MIN_SECRET_LEN)
             .collect();
-        secrets.sort();
-        secrets.dedup();
-        let matcher = (!secrets.is_empty()).then(|| {
-            AhoCorasick::builder()
+        patterns.sort();
+        patterns.dedup();
+        let matcher = (!patterns.is_empty()).then(|| Matcher {
+            ac: AhoCorasick::builder()
                 .match_kind(MatchKind::LeftmostLongest)
-                .build(&secrets)
-                .expect("literal patterns always build")
+                .build(&patterns)
+                .expect("literal patterns always build"),
+            tail: PrefixAutomaton::new(&patterns),
+            patterns,
         });
-        let max_len = secrets.iter().map(Vec::len).max().unwrap_or(0);
         Self {
-            secrets,
             matcher,
             carry: Vec::new(),
-            max_len,
+            state: ROOT,
         }
+    }
+
+    /// Every literal this redactor masks (the forms of every secret), sorted.
+    pub fn patterns(&self) -> &[Vec<u8>] {
+        self.matcher.as_ref().map_or(&[], |m| &m.patterns)
     }
 
     /// Redacts `chunk`, returning what can be released now.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
-        let Some(matcher) = &self.matcher else {
+        let Some(m) = &self.matcher else {
             return chunk.to_vec();
         };
+        self.state = m.tail.advance(self.state, chunk);
         let mut buf = std::mem::take(&mut self.carry);
         buf.extend_from_slice(chunk);
-        let matches: Vec<(usize, usize)> = matcher
-            .find_iter(&buf)
-            .map(|m| (m.start(), m.end()))
-            .collect();
-        // Hold back the earliest suffix that could still grow into a (longer) secret...
-        let start = buf.len().saturating_sub(self.max_len.saturating_sub(1));
-        let mut hold = (start..buf.len())
-            .find(|&i| {
-                let tail = &buf[i..];
-                self.secrets
-                    .iter()
-                    .any(|s| s.len() > tail.len() && s.starts_with(tail))
-            })
-            .unwrap_or(buf.len());
-        // ...and any match that straddles that point, so it is judged whole next time.
-        for &(s, e) in matches.iter().rev() {
-            if s < hold && hold < e {
-                hold = s;
-            }
-        }
-        let mut out = Vec::with_capacity(hold);
+        // Hold back the longest suffix that could still grow into a form (what was held
+        // before and could not grow is already out, so it lies inside `buf`)...
+        let mut hold = buf.len() - m.tail.pending(self.state).min(buf.len());
+        let mut out = Vec::with_capacity(buf.len());
         let mut at = 0;
-        for &(s, e) in matches.iter().filter(|(_, e)| *e <= hold) {
-            out.extend_from_slice(&buf[at..s]);
+        for mat in m.ac.find_iter(&buf) {
+            if mat.start() >= hold {
+                break;
+            }
+            // ...and a match that straddles that point, so it is judged whole next time.
+            if mat.end() > hold {
+                hold = mat.start();
+                break;
+            }
+            out.extend_from_slice(&buf[at..mat.start()]);
             out.extend_from_slice(MASK);
-            at = e;
+            at = mat.end();
         }
         out.extend_from_slice(&buf[at..hold]);
         self.carry = buf.split_off(hold);
@@ -89,21 +113,36 @@ impl Redactor {
 
     /// The end of the stream: releases what was held back, redacted.
     pub fn finish(&mut self) -> Vec<u8> {
+        self.state = ROOT;
         let carry = std::mem::take(&mut self.carry);
+        self.redact_bytes(&carry)
+    }
+
+    /// Redacts a whole text at once.
+    pub fn redact_bytes(&self, text: &[u8]) -> Vec<u8> {
         match &self.matcher {
-            Some(m) => m.replace_all_bytes(&carry, &vec![MASK; self.secrets.len()]),
-            None => carry,
+            Some(m) => {
+                let mut out = Vec::with_capacity(text.len());
+                m.ac.replace_all_with_bytes(text, &mut out, |_, _, dst| {
+                    dst.extend_from_slice(MASK);
+                    true
+                });
+                out
+            }
+            None => text.to_vec(),
         }
     }
 
     /// Redacts a whole text at once (for reasons and messages).
     pub fn redact_str(&self, s: &str) -> String {
-        match &self.matcher {
-            Some(m) => {
-                let mask = String::from_utf8_lossy(MASK).into_owned();
-                m.replace_all(s, &vec![mask; self.secrets.len()])
-            }
-            None => s.to_owned(),
+        if self.matcher.is_none() {
+            return s.to_owned();
+        }
+        // Every form of a UTF-8 secret is UTF-8, so a match never splits a character;
+        // the lossy path is for secrets that are not UTF-8.
+        match String::from_utf8(self.redact_bytes(s.as_bytes())) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         }
     }
 }
