@@ -88,24 +88,30 @@ impl Redactor {
         self.state = m.tail.advance(self.state, chunk);
         let mut buf = std::mem::take(&mut self.carry);
         buf.extend_from_slice(chunk);
-        // Hold back the longest suffix that could still grow into a form (what was held
-        // before and could not grow is already out, so it lies inside `buf`)...
-        let mut hold = buf.len() - m.tail.pending(self.state).min(buf.len());
+        // Hold back the longest suffix that could still grow into a form. (When that
+        // suffix began inside a match already released, holding all of `buf` is merely
+        // cautious: nothing is released that a longer view could change.)
+        let hold = buf.len() - m.tail.pending(self.state).min(buf.len());
+        if hold == 0 {
+            // A secret being written piece by piece: nothing to decide yet, and no
+            // rescan of what is held back.
+            self.carry = buf;
+            return Vec::new();
+        }
         let mut out = Vec::with_capacity(buf.len());
         let mut at = 0;
         for mat in m.ac.find_iter(&buf) {
             if mat.start() >= hold {
                 break;
             }
-            // ...and a match that straddles that point, so it is judged whole next time.
-            if mat.end() > hold {
-                hold = mat.start();
-                break;
-            }
+            // A match that starts before `hold` is final: no longer form starts there
+            // (else `hold` would be at or before it), so it goes out whole even when it
+            // ends past `hold`.
             out.extend_from_slice(&buf[at..mat.start()]);
             out.extend_from_slice(MASK);
             at = mat.end();
         }
+        let hold = hold.max(at);
         out.extend_from_slice(&buf[at..hold]);
         self.carry = buf.split_off(hold);
         out
