@@ -80,6 +80,11 @@ impl Redactor {
         self.matcher.as_ref().map_or(&[], |m| &m.patterns)
     }
 
+    /// Bytes held back, waiting for the next chunk: always less than the longest form.
+    pub fn held_back(&self) -> usize {
+        self.carry.len()
+    }
+
     /// Redacts `chunk`, returning what can be released now.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
         let Some(m) = &self.matcher else {
