@@ -1,8 +1,9 @@
-//! How much of a stream's end the redactor must hold back: the longest suffix of what it
-//! has seen that is a proper prefix of some form of a secret (it may still grow into a
-//! match). An Aho–Corasick trie with failure links and depths, stepped over each chunk
-//! once (at most the last `max_len` bytes of it), so the answer costs O(chunk) and never
-//! rescans what was held back.
+//! The trie of every form of every secret, with Aho–Corasick failure links and depths.
+//! It answers two questions: how much of a stream's end the redactor must hold back (the
+//! longest suffix of what it has seen that is a proper prefix of a form: it may still
+//! grow into a match), stepped once over each chunk (at most over its last `max_len`
+//! bytes), so the answer costs O(chunk) and never rescans what was held back; and which
+//! is the longest form starting at a given place (an anchored walk down the trie).
 
 /// A trie of every pattern with failure links.
 pub(super) struct PrefixAutomaton {
@@ -13,6 +14,8 @@ pub(super) struct PrefixAutomaton {
     trans: Vec<(u8, u32)>,
     fail: Vec<u32>,
     depth: Vec<u32>,
+    /// Whether a pattern ends at the state.
+    terminal: Vec<bool>,
     max_len: usize,
 }
 
@@ -30,50 +33,61 @@ impl std::fmt::Debug for PrefixAutomaton {
 pub(super) const ROOT: u32 = 0;
 
 impl PrefixAutomaton {
+    /// `patterns` must be sorted (as `Redactor::new` leaves them): the trie is then
+    /// built in one pass, each pattern sharing its common prefix with the one before.
     pub(super) fn new(patterns: &[Vec<u8>]) -> Self {
-        // The trie, built with sorted child lists.
-        let mut children: Vec<Vec<(u8, u32)>> = vec![Vec::new()];
+        debug_assert!(patterns.is_sorted());
+        // Edges (parent, byte, child), and the path of the previous pattern.
+        let mut edges: Vec<(u32, u8, u32)> = Vec::new();
         let mut depth = vec![0u32];
+        let mut terminal = vec![false];
+        let mut path: Vec<u32> = vec![ROOT];
+        let mut prev: &[u8] = &[];
         for p in patterns {
-            let mut s = 0usize;
-            for &b in p {
-                s = match children[s].binary_search_by_key(&b, |&(c, _)| c) {
-                    Ok(i) => children[s][i].1 as usize,
-                    Err(i) => {
-                        let next = children.len();
-                        children[s].insert(i, (b, next as u32));
-                        children.push(Vec::new());
-                        depth.push(depth[s] + 1);
-                        next
-                    }
-                };
+            let common = p.iter().zip(prev).take_while(|(a, b)| a == b).count();
+            path.truncate(common + 1);
+            for (i, &b) in p.iter().enumerate().skip(common) {
+                let next = depth.len() as u32;
+                edges.push((path[i], b, next));
+                depth.push(i as u32 + 1);
+                terminal.push(false);
+                path.push(next);
             }
+            terminal[path[p.len()] as usize] = true;
+            prev = p;
         }
-        let mut first = Vec::with_capacity(children.len() + 1);
-        let mut trans = Vec::new();
-        for c in &children {
-            first.push(trans.len() as u32);
-            trans.extend_from_slice(c);
+        let states = depth.len();
+        // Sorted input gives each parent's edges in byte order; group them by parent.
+        edges.sort_by_key(|&(parent, _, _)| parent);
+        let mut first = vec![0u32; states + 1];
+        for &(parent, _, _) in &edges {
+            first[parent as usize + 1] += 1;
         }
-        first.push(trans.len() as u32);
+        for s in 0..states {
+            first[s + 1] += first[s];
+        }
+        let trans: Vec<(u8, u32)> = edges.iter().map(|&(_, b, c)| (b, c)).collect();
         let mut root = Box::new([ROOT; 256]);
-        for &(b, t) in &children[0] {
+        for &(b, t) in &trans[..first[1] as usize] {
             root[usize::from(b)] = t;
         }
         let mut this = Self {
             root,
             first,
             trans,
-            fail: vec![ROOT; children.len()],
+            fail: vec![ROOT; states],
             depth,
+            terminal,
             max_len: patterns.iter().map(Vec::len).max().unwrap_or(0),
         };
         // Failure links, breadth first: a state's link is the longest proper suffix of
         // its string that is also in the trie.
         let mut queue = std::collections::VecDeque::new();
-        queue.extend(children[0].iter().map(|&(_, t)| t));
+        queue.extend(this.edges(ROOT).iter().map(|&(_, t)| t));
         while let Some(s) = queue.pop_front() {
-            for &(b, t) in &children[s as usize] {
+            let (lo, hi) = (this.first[s as usize], this.first[s as usize + 1]);
+            for e in lo..hi {
+                let (b, t) = this.trans[e as usize];
                 let mut f = this.fail[s as usize];
                 let link = loop {
                     if let Some(n) = this.goto(f, b) {
@@ -91,13 +105,17 @@ impl PrefixAutomaton {
         this
     }
 
+    fn edges(&self, s: u32) -> &[(u8, u32)] {
+        let (lo, hi) = (self.first[s as usize], self.first[s as usize + 1]);
+        &self.trans[lo as usize..hi as usize]
+    }
+
     fn goto(&self, s: u32, b: u8) -> Option<u32> {
         if s == ROOT {
             let t = self.root[usize::from(b)];
             return (t != ROOT).then_some(t);
         }
-        let (lo, hi) = (self.first[s as usize], self.first[s as usize + 1]);
-        let edges = &self.trans[lo as usize..hi as usize];
+        let edges = self.edges(s);
         edges
             .binary_search_by_key(&b, |&(c, _)| c)
             .ok()
@@ -135,10 +153,26 @@ impl PrefixAutomaton {
     pub(super) fn pending(&self, mut s: u32) -> usize {
         // A leaf is a whole pattern that no longer one extends; its shorter suffixes in
         // the trie may still be proper prefixes.
-        while s != ROOT && self.first[s as usize] == self.first[s as usize + 1] {
+        while s != ROOT && self.edges(s).is_empty() {
             s = self.fail[s as usize];
         }
         self.depth[s as usize] as usize
+    }
+
+    /// Length of the longest pattern that `hay` starts with.
+    pub(super) fn longest_at(&self, hay: &[u8]) -> Option<usize> {
+        let mut s = ROOT;
+        let mut best = None;
+        for &b in hay {
+            match self.goto(s, b) {
+                Some(t) => s = t,
+                None => break,
+            }
+            if self.terminal[s as usize] {
+                best = Some(self.depth[s as usize] as usize);
+            }
+        }
+        best
     }
 }
 
@@ -160,10 +194,11 @@ mod tests {
 
     #[test]
     fn pending_matches_brute_force() {
-        let patterns: Vec<Vec<u8>> = ["abcab", "bca", "cab", "abcabcx", "zz"]
+        let mut patterns: Vec<Vec<u8>> = ["abcab", "bca", "cab", "abcabcx", "zz", "ab"]
             .iter()
             .map(|s| s.as_bytes().to_vec())
             .collect();
+        patterns.sort();
         let a = PrefixAutomaton::new(&patterns);
         let alphabet = b"abcxz";
         // Every input up to length 7 over the alphabet, fed in two pieces.
@@ -180,6 +215,10 @@ mod tests {
                 let cut = n % (input.len() + 1);
                 let s = a.advance(ROOT, &input[..cut]);
                 let s = a.advance(s, &input[cut..]);
+                let longest = (1..=input.len())
+                    .rev()
+                    .find(|&n| patterns.iter().any(|p| p[..] == input[..n]));
+                assert_eq!(a.longest_at(&input), longest);
                 assert_eq!(
                     a.pending(s),
                     pending_naive(&patterns, &input),
