@@ -36,9 +36,16 @@ pub fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
 /// which every PEM file of that kind shares and which is not secret). A value without a
 /// line break has no lines of its own.
 pub fn secret_lines(secret: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let multi = secret.contains(&b'\n') || secret.contains(&b'\r');
+    // Lines end at LF (a CR before it is trimmed with the line's whitespace); a value
+    // with CRs alone (classic Mac) is split at those.
+    let sep = if secret.contains(&b'\n') {
+        b'\n'
+    } else {
+        b'\r'
+    };
+    let multi = secret.contains(&sep);
     secret
-        .split(|b| *b == b'\n' || *b == b'\r')
+        .split(move |b| *b == sep)
         .filter(move |_| multi)
         .map(<[u8]>::trim_ascii)
         .filter(|l| l.len() >= MIN_LINE_LEN && !is_pem_armour(l))
