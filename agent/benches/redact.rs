@@ -167,10 +167,10 @@ fn output(secrets: &[&str]) -> Vec<u8> {
             text.push_str(rng.pick(&words));
             text.push(' ');
         }
-        if n % 5000 == 0 {
+        if n.is_multiple_of(5000) {
             text.push_str(secrets[(n / 5000) as usize % secrets.len()]);
         }
-        let line = if n % 3 == 0 {
+        let line = if n.is_multiple_of(3) {
             serde_json::json!({"type": "user", "message": {"content": [{"type": "tool_result", "content": text}]}})
                 .to_string()
         } else {
