@@ -163,7 +163,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
             .collect();
-            let report = deploy::run(&clients, &args, settings.queue_url()?, &root, &env).await?;
+            let queues = deploy::Queues {
+                jobs: settings.queue_url().ok().map(str::to_owned),
+                dlq: settings.dlq_url().ok().map(str::to_owned),
+            };
+            let report = deploy::run(&clients, &args, &queues, &root, &env).await?;
             match args.output {
                 OutputFormat::Human => print!("{}", report.render()),
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
