@@ -96,6 +96,17 @@ async fn fixture(visibility: u32) -> Fixture {
         visibility_timeout: visibility,
     })
     .await;
+    // The DLQ is the dispatcher function's event source: the same rule applies to it.
+    aws_sdk_sqs::Client::new(&r.sdk)
+        .set_queue_attributes()
+        .queue_url(&r.dlq_url)
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
+            visibility.to_string(),
+        )
+        .send()
+        .await
+        .expect("DLQ visibility");
     Fixture {
         c: DeployClients::new(&r.sdk),
         function: unique("fn"),
@@ -555,9 +566,15 @@ async fn the_image_build_or_a_clear_no_builder_error() {
             eprintln!("building the agent image with {engine:?}");
             let dir = tempfile::tempdir().expect("tempdir");
             let bin = agentq_testkit::binary("agentq-agent");
-            builder::prepare_context(&agentq_testkit::repo_root().join("agent"), &bin, dir.path())
-                .await
-                .expect("context");
+            let dispatcher = agentq_testkit::binary("agentq-dispatcher");
+            builder::prepare_context_with(
+                &agentq_testkit::repo_root().join("agent"),
+                &bin,
+                Some(&dispatcher),
+                dir.path(),
+            )
+            .await
+            .expect("context");
             builder::build(
                 engine,
                 &format!("agentq-agent:{}", unique("test")),
