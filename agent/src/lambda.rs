@@ -51,7 +51,11 @@ pub async fn handle(
     event: LambdaEvent<SqsEvent>,
     shutdown: &CancellationToken,
 ) -> SqsBatchResponse {
-    let left = budget(event.context.deadline, SystemTime::now(), function_timeout());
+    let left = budget(
+        event.context.deadline,
+        SystemTime::now(),
+        function_timeout(),
+    );
     if let Some(why) = left.reason() {
         // Once per process: every invocation of a local emulator would say the same.
         static WARNED: AtomicBool = AtomicBool::new(false);

@@ -109,7 +109,15 @@ impl Deps {
 /// same account and name.
 pub fn queue_url_matches_arn(url: &str, arn: &str) -> bool {
     let mut a = arn.split(':');
-    let (Some("arn"), Some(_partition), Some("sqs"), Some(_region), Some(account), Some(name), None) = (
+    let (
+        Some("arn"),
+        Some(_partition),
+        Some("sqs"),
+        Some(_region),
+        Some(account),
+        Some(name),
+        None,
+    ) = (
         a.next(),
         a.next(),
         a.next(),
@@ -117,7 +125,8 @@ pub fn queue_url_matches_arn(url: &str, arn: &str) -> bool {
         a.next(),
         a.next(),
         a.next(),
-    ) else {
+    )
+    else {
         return false;
     };
     let path = url

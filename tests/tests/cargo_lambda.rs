@@ -88,7 +88,10 @@ fn watch(port: u16, log: &Path) -> Killer {
         if let Ok(Some(s)) = child.try_wait() {
             panic!("cargo lambda watch exited: {s}");
         }
-        assert!(Instant::now() < end, "cargo lambda watch did not listen within 60 s");
+        assert!(
+            Instant::now() < end,
+            "cargo lambda watch did not listen within 60 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     Killer(child)
@@ -102,7 +105,10 @@ fn function(bin: &str, r: &Resources, port: u16, extra: &[(&str, String)], log: 
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(r.env())
-        .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt"))
+        .env(
+            "AWS_LAMBDA_RUNTIME_API",
+            format!("http://127.0.0.1:{port}/.rt"),
+        )
         .env("AWS_LAMBDA_FUNCTION_NAME", "_")
         .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "4096")
@@ -212,14 +218,22 @@ async fn agent_and_dispatcher_answer_cargo_lambda_invoke() {
         &r,
         port,
         &[
-            ("AGENTQ_CLAUDE_BIN", fixture("fake-agent").display().to_string()),
+            (
+                "AGENTQ_CLAUDE_BIN",
+                fixture("fake-agent").display().to_string(),
+            ),
             ("AGENTQ_WORK_ROOT", work.path().display().to_string()),
             ("AGENTQ_HEARTBEAT_SECONDS", "0.5".into()),
         ],
         &agent_log,
     );
     let started = Instant::now();
-    let answer = invoke(port, &sqs_event(&m, &queue_arn(&sqs, &r.queue_url).await), dir.path()).await;
+    let answer = invoke(
+        port,
+        &sqs_event(&m, &queue_arn(&sqs, &r.queue_url).await),
+        dir.path(),
+    )
+    .await;
     drop(agent);
     let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
     assert_eq!(answer["batchItemFailures"], json!([]), "{answer}\n{log}");
@@ -236,7 +250,8 @@ async fn agent_and_dispatcher_answer_cargo_lambda_invoke() {
 
     // The dispatcher, started without arguments: a redriven raw spec from the DLQ.
     let raw = unique("cl-dispatcher");
-    let spec = json!({"spec_version": 1, "job_id": raw, "agent": "claude-code", "prompt": "turns=1"});
+    let spec =
+        json!({"spec_version": 1, "job_id": raw, "agent": "claude-code", "prompt": "turns=1"});
     sqs.send_message()
         .queue_url(&r.dlq_url)
         .message_body(spec.to_string())
@@ -246,7 +261,12 @@ async fn agent_and_dispatcher_answer_cargo_lambda_invoke() {
     let m = receive_one(&r, &r.dlq_url).await;
     let dispatcher_log = dir.path().join("dispatcher.log");
     let dispatcher = function("agentq-dispatcher", &r, port, &[], &dispatcher_log);
-    let answer = invoke(port, &sqs_event(&m, &queue_arn(&sqs, &r.dlq_url).await), dir.path()).await;
+    let answer = invoke(
+        port,
+        &sqs_event(&m, &queue_arn(&sqs, &r.dlq_url).await),
+        dir.path(),
+    )
+    .await;
     drop(dispatcher);
     let log = std::fs::read_to_string(&dispatcher_log).unwrap_or_default();
     assert_eq!(answer["batchItemFailures"], json!([]), "{answer}\n{log}");

@@ -40,7 +40,11 @@ fn steps() -> BTreeMap<u32, String> {
         };
         let n: u32 = n.parse().expect("step number");
         let fence = lines.next().expect("a fence after the marker");
-        assert_eq!(fence.trim(), "```sh", "step {n}: a ```sh block follows its marker");
+        assert_eq!(
+            fence.trim(),
+            "```sh",
+            "step {n}: a ```sh block follows its marker"
+        );
         let indent = fence.len() - fence.trim_start().len();
         let mut block = String::new();
         for l in lines.by_ref() {
@@ -194,7 +198,10 @@ fn the_readme_deploy_steps_run_as_written() {
         .expect("DIGEST printed")
         .to_owned();
     assert!(digest.starts_with("sha256:"), "{stdout}");
-    assert!(stdout.contains("image: "), "push-only names the image: {stdout}");
+    assert!(
+        stdout.contains("image: "),
+        "push-only names the image: {stdout}"
+    );
 
     // Steps 5-6 on the stack with functions (see the module doc for step 4).
     let mut env = aws.clone();
