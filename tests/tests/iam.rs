@@ -424,7 +424,7 @@ async fn agent_poll(st: &Stack, work: &Path, extra: &[(&str, &str)]) -> Ran {
             "--wait-seconds",
             "1",
             "--function-timeout-seconds",
-            "10",
+            "12",
         ],
         &all,
     )
@@ -711,7 +711,18 @@ async fn every_flow_runs_under_the_templates_own_iam() {
         "back after {returned_after:?}"
     );
     eprintln!("killed Lambda run's message back after {returned_after:?}");
-    // The next invocation takes the stale lease over and finishes the job.
+    // The next invocation takes the lease over once it is stale (3 s after the last
+    // heartbeat; the message may be back a moment before that) and finishes the job.
+    let last = st
+        .record(&lambda_job)
+        .await
+        .and_then(|r| r.heartbeat_at)
+        .expect("heartbeat");
+    let stale_at = last + 3_500;
+    let wait = stale_at - agentq_core::record::now_ms();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    }
     let second = lambda_agent(&st, work.path(), &dir.join("lambda-2.log")).await;
     let inv = second
         .api
