@@ -953,6 +953,10 @@ async fn serve(client: TcpStream, shared: &Shared) {
             if cw.write_all(&control(shared, &req)).await.is_err() {
                 return;
             }
+            if req.wants_close() {
+                let _ = cw.shutdown().await;
+                return;
+            }
             continue;
         }
         let service = classify(&req);
@@ -969,8 +973,11 @@ async fn serve(client: TcpStream, shared: &Shared) {
                     .write_all(&error_response(service, f, &req, decision.pick))
                     .await
                     .is_err()
-                    || req.wants_close()
                 {
+                    return;
+                }
+                if req.wants_close() {
+                    let _ = cw.shutdown().await;
                     return;
                 }
                 continue;
