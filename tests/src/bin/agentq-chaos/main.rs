@@ -204,8 +204,11 @@ const TICK_MS: u64 = 200;
 /// The job child: appends `start`, a `tick` per interval and `end` to its job's marker
 /// file (epoch ms, pid, attempt, body tag), prints each tick to stdout (uploaded as the
 /// attempt's log) and leaves an artifact. `$0` carries the run's marker so leftover
-/// processes can be found by their argv.
-const CHILD_SCRIPT: &str = r#"m="$CHAOS_MARKS/$AGENTQ_JOB_ID.marks"
+/// processes can be found by their argv. SIGPIPE is ignored: a child whose agent died
+/// keeps working like an agent CLI busy in a quiet tool call would, instead of dying at
+/// its next line on the broken stdout pipe (which would hide every orphan).
+const CHILD_SCRIPT: &str = r#"trap '' PIPE
+m="$CHAOS_MARKS/$AGENTQ_JOB_ID.marks"
 now() { date +%s%3N; }
 echo "start $(now) $$ $AGENTQ_ATTEMPT $CHAOS_BODY" >> "$m"
 i=0
