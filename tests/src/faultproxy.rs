@@ -381,10 +381,7 @@ pub enum StartError {
     #[error("upstream {0:?} is not an http://HOST:PORT URL")]
     Upstream(String),
     #[error("upstream {url}: {source}")]
-    Resolve {
-        url: String,
-        source: std::io::Error,
-    },
+    Resolve { url: String, source: std::io::Error },
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -596,8 +593,8 @@ async fn read_chunked<R: AsyncBufRead + Unpin>(
             .map_err(|_| HttpError::Malformed("chunk size"))?
             .trim();
         let size_text = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| HttpError::Malformed("chunk size"))?;
+        let size =
+            usize::from_str_radix(size_text, 16).map_err(|_| HttpError::Malformed("chunk size"))?;
         if out.len() + size > MAX_BODY {
             return Err(HttpError::Malformed("body too large"));
         }
@@ -941,7 +938,11 @@ async fn serve(client: TcpStream, shared: &Shared) {
             .header("expect")
             .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
         {
-            if cw.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+            if cw
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+            {
                 return;
             }
             req.head = head_without_expect(&req.head);
@@ -967,7 +968,10 @@ async fn serve(client: TcpStream, shared: &Shared) {
         match decision.fault {
             Some(Fault::DropBefore) => return,
             Some(
-                f @ (Fault::Throttle | Fault::TooManyRequests | Fault::Internal | Fault::Unavailable),
+                f @ (Fault::Throttle
+                | Fault::TooManyRequests
+                | Fault::Internal
+                | Fault::Unavailable),
             ) => {
                 if cw
                     .write_all(&error_response(service, f, &req, decision.pick))
@@ -1134,9 +1138,8 @@ mod tests {
             }),
         };
         let services = [Service::Sqs, Service::S3, Service::Dynamodb, Service::Ssm];
-        let run = |s: &Shared| -> Vec<Decision> {
-            (0..500).map(|i| s.decide(services[i % 4])).collect()
-        };
+        let run =
+            |s: &Shared| -> Vec<Decision> { (0..500).map(|i| s.decide(services[i % 4])).collect() };
         let (a, b, c) = (shared(7), shared(7), shared(8));
         let (da, db, dc) = (run(&a), run(&b), run(&c));
         assert_eq!(da, db);
@@ -1179,7 +1182,12 @@ mod tests {
     #[test]
     fn bad_configs_name_the_field() {
         let mut c = FaultConfig::only(Fault::Throttle, 1.5, 1);
-        assert!(c.validate().unwrap_err().to_string().contains("faults.throttle"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("faults.throttle")
+        );
         c = FaultConfig::uniform(1.2, 1);
         assert!(c.validate().unwrap_err().to_string().contains("add up"));
         let parsed: Result<FaultConfig, _> = serde_json::from_str(r#"{"fault_rate": 0.1}"#);
@@ -1192,7 +1200,8 @@ mod tests {
 
     #[test]
     fn the_expect_header_is_removed_and_nothing_else() {
-        let head = b"PUT /b/k HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n";
+        let head =
+            b"PUT /b/k HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n";
         assert_eq!(
             head_without_expect(head),
             b"PUT /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n"

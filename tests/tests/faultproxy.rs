@@ -38,14 +38,20 @@ async fn injected_errors_have_each_service_s_shape_and_are_transient() {
         (
             Fault::Throttle,
             "RequestThrottled",
-            &["ProvisionedThroughputExceededException", "ThrottlingException"][..],
+            &[
+                "ProvisionedThroughputExceededException",
+                "ThrottlingException",
+            ][..],
             "SlowDown",
             (400, 503),
         ),
         (
             Fault::TooManyRequests,
             "RequestThrottled",
-            &["ProvisionedThroughputExceededException", "ThrottlingException"][..],
+            &[
+                "ProvisionedThroughputExceededException",
+                "ThrottlingException",
+            ][..],
             "SlowDown",
             (429, 429),
         ),
@@ -246,8 +252,17 @@ async fn the_control_api_reads_counters_and_changes_faults() {
     assert!(stats.starts_with("HTTP/1.1 200"), "{stats}");
     assert!(stats.contains(r#""sqs":1"#), "{stats}");
 
-    let bad = http(p.addr(), "PUT", "/__faultproxy/config", r#"{"faults":{"internal":2}}"#).await;
-    assert!(bad.starts_with("HTTP/1.1 400") && bad.contains("faults.internal"), "{bad}");
+    let bad = http(
+        p.addr(),
+        "PUT",
+        "/__faultproxy/config",
+        r#"{"faults":{"internal":2}}"#,
+    )
+    .await;
+    assert!(
+        bad.starts_with("HTTP/1.1 400") && bad.contains("faults.internal"),
+        "{bad}"
+    );
     let ok = http(
         p.addr(),
         "PUT",

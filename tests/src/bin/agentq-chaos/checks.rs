@@ -37,9 +37,11 @@ pub fn parse_marks(text: &str) -> Vec<Run> {
         let [kind, ms, pid, attempt, body] = f[..] else {
             continue;
         };
-        let (Ok(ms), Ok(pid), Ok(attempt)) =
-            (ms.parse::<i64>(), pid.parse::<u32>(), attempt.parse::<u32>())
-        else {
+        let (Ok(ms), Ok(pid), Ok(attempt)) = (
+            ms.parse::<i64>(),
+            pid.parse::<u32>(),
+            attempt.parse::<u32>(),
+        ) else {
             continue;
         };
         let r = runs.entry((attempt, pid)).or_insert_with(|| Run {
@@ -155,7 +157,11 @@ pub fn judge(
             continue;
         };
         let o = objects.get(&a).cloned().unwrap_or_default();
-        let printed: u32 = runs.iter().filter(|r| r.attempt == a).map(|r| r.ticks).sum();
+        let printed: u32 = runs
+            .iter()
+            .filter(|r| r.attempt == a)
+            .map(|r| r.ticks)
+            .sum();
         let longest = runs
             .iter()
             .filter(|r| r.attempt == a)
@@ -171,7 +177,10 @@ pub fn judge(
                     att.status.map(|s| s.to_string()).unwrap_or_default()
                 ),
             });
-        } else if o.stdout_segments == 0 && printed > 0 && (finished || longest.unwrap_or(0) >= long_enough_ms) {
+        } else if o.stdout_segments == 0
+            && printed > 0
+            && (finished || longest.unwrap_or(0) >= long_enough_ms)
+        {
             missing_logs.push(MissingLogs {
                 attempt: a,
                 why: format!(
@@ -198,9 +207,9 @@ pub fn judge(
     });
     let scheduled_later = record.is_some_and(|r| {
         matches!(r.status, JobState::RetryScheduled | JobState::Resuming)
-            && r.history.last().is_some_and(|d| {
-                d.at + d.delay_seconds.unwrap_or(0) as i64 * 1000 > now_ms
-            })
+            && r.history
+                .last()
+                .is_some_and(|d| d.at + d.delay_seconds.unwrap_or(0) as i64 * 1000 > now_ms)
     });
     let terminal = state.is_some_and(JobState::is_terminal);
     let stranded = !terminal && !live_lease && !queued && !scheduled_later;
@@ -249,7 +258,10 @@ mod tests {
                     start 5000 33 3 orig\nend 5100 33 3 orig\n";
         let runs = parse_marks(text);
         assert_eq!(runs.len(), 3);
-        assert_eq!((runs[0].pid, runs[0].start_ms, runs[0].last_ms), (11, 1000, 1200));
+        assert_eq!(
+            (runs[0].pid, runs[0].start_ms, runs[0].last_ms),
+            (11, 1000, 1200)
+        );
         assert!(!runs[0].completed && runs[1].completed);
         assert_eq!(runs[0].ticks, 2);
         let o = overlapping(&runs);
@@ -300,7 +312,11 @@ mod tests {
         );
         // Attempt 1 was killed after 0.5 s (nothing uploaded is fine); attempt 2 printed
         // for 2.5 s and uploaded nothing; attempt 3 finished but left no result.json.
-        let runs = vec![run(1, 0, 500, 2), run(2, 1000, 3500, 12), run(3, 4000, 6000, 10)];
+        let runs = vec![
+            run(1, 0, 500, 2),
+            run(2, 1000, 3500, 12),
+            run(3, 4000, 6000, 10),
+        ];
         let mut objects = BTreeMap::new();
         objects.insert(
             3,

@@ -25,7 +25,7 @@ use clap::Parser;
 use tokio::time::Instant;
 
 use checks::{AttemptObjects, Timing};
-use procs::{Emulator, Fleet, Launch, Role, Watcher};
+use procs::{Emulator, Fleet, Launch, Role, WatcherTask};
 use report::{Figures, Invariant, KillEvent, Summary};
 
 /// The chaos and fault suite for agentq (see docs/reliability.md).
@@ -322,7 +322,14 @@ async fn run(cli: &Cli, s: Settings) -> anyhow::Result<Summary> {
     let producer = sibling("agentq")?;
 
     let emulator = Emulator::start(&logs.join("emulator.log")).await?;
-    let result = run_on(&s, &token, &out, &emulator.endpoint, [agent, dispatcher, producer]).await;
+    let result = run_on(
+        &s,
+        &token,
+        &out,
+        &emulator.endpoint,
+        [agent, dispatcher, producer],
+    )
+    .await;
     emulator.stop().await;
     let summary = result?;
     let text = report::render(&summary);
@@ -401,7 +408,10 @@ async fn run_on(
                     "AGENTQ_VISIBILITY_HORIZON_SECONDS",
                     s.visibility_horizon_seconds.to_string(),
                 ),
-                ("AGENTQ_STALE_AFTER_SECONDS", s.stale_after_seconds.to_string()),
+                (
+                    "AGENTQ_STALE_AFTER_SECONDS",
+                    s.stale_after_seconds.to_string(),
+                ),
                 ("AGENTQ_DEADLINE_RESERVE_SECONDS", "4".into()),
                 ("AGENTQ_KILL_GRACE_SECONDS", "1".into()),
                 ("AGENTQ_LOG_FLUSH_SECONDS", s.log_flush_seconds.to_string()),
@@ -446,10 +456,6 @@ async fn run_on(
         },
     );
     let mut fleet = Fleet::new(launches, out.join("logs"));
-    let mut watcher = Watcher::new(
-        format!("agentq-chaos-child-{token}"),
-        fleet.live_agents.clone(),
-    );
 
     // Jobs: submitted with the producer CLI (records QUEUED, then SendMessageBatch),
     // straight to the emulator: submission is not under test.
@@ -470,8 +476,18 @@ async fn run_on(
     .await?;
 
     fleet.start_all()?;
+    let watcher = WatcherTask::start(
+        format!("agentq-chaos-child-{token}"),
+        fleet.live_agents.clone(),
+    );
     let submit = tokio::process::Command::new(&producer)
-        .args(["submit", "--batch", &batch.display().to_string(), "--output", "json"])
+        .args([
+            "submit",
+            "--batch",
+            &batch.display().to_string(),
+            "--output",
+            "json",
+        ])
         .env_clear()
         .envs(r.env())
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -494,7 +510,10 @@ async fn run_on(
     let mut pick = ids.clone();
     rng.shuffle(&mut pick);
     for id in pick.iter().take(s.duplicates) {
-        extra.push((Duration::from_secs_f64(rng.f64() * window), bodies[id].clone()));
+        extra.push((
+            Duration::from_secs_f64(rng.f64() * window),
+            bodies[id].clone(),
+        ));
     }
     rng.shuffle(&mut pick);
     for id in pick.iter().take(s.imposters) {
@@ -537,18 +556,15 @@ async fn run_on(
     let mut unexpected_exits: Vec<String> = Vec::new();
     let mut all_terminal_at: Option<Instant> = None;
     let mut next_kill = Instant::now()
-        + Duration::from_secs_f64(rng.f64() * (s.kill_max_seconds - s.kill_min_seconds) + s.kill_min_seconds);
+        + Duration::from_secs_f64(
+            rng.f64() * (s.kill_max_seconds - s.kill_min_seconds) + s.kill_min_seconds,
+        );
     let mut next_look = Instant::now();
-    let mut next_sample = Instant::now();
     let roles = fleet.roles();
     while Instant::now() < chaos_end {
-        let wake = next_kill.min(next_look).min(next_sample).min(chaos_end);
+        let wake = next_kill.min(next_look).min(chaos_end);
         tokio::time::sleep_until(wake).await;
         let now = Instant::now();
-        if now >= next_sample {
-            watcher.sample().await;
-            next_sample = now + Duration::from_millis(250);
-        }
         if now >= next_look {
             next_look = now + Duration::from_secs(2);
             for (role, status) in fleet.restart_exited().await? {
@@ -592,12 +608,10 @@ async fn run_on(
         for (role, status) in fleet.restart_exited().await? {
             unexpected_exits.push(format!("{role} exited by itself ({status})"));
         }
-        for _ in 0..4 {
-            watcher.sample().await;
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let calm_used = (Instant::now() - (calm_end - Duration::from_secs(s.calm_seconds))).as_secs_f64();
+    let calm_used =
+        (Instant::now() - (calm_end - Duration::from_secs(s.calm_seconds))).as_secs_f64();
     let recover_s = match (all_terminal_at, last_kill) {
         (Some(t), Some(k)) => Some(t.saturating_duration_since(k).as_secs_f64()),
         (Some(t), None) => Some(t.saturating_duration_since(submitted_at).as_secs_f64()),
@@ -609,8 +623,8 @@ async fn run_on(
     let at_calm_end = read_records(&store, &job_ids).await;
     say("stopping pollers and dispatcher");
     fleet.stop_all(Duration::from_secs(20)).await;
-    watcher.sample().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let watcher = watcher.finish().await;
     let needle = format!("CHAOS_RUN={token}");
     let leftovers = {
         let n = needle.clone();
@@ -622,7 +636,6 @@ async fn run_on(
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    let orphans = watcher.orphans(Duration::from_secs(1));
 
     // Messages: wait for in-flight visibility to run out (a few heartbeats), then list
     // every visible message on the jobs queue and the DLQ by the job it names.
@@ -631,11 +644,16 @@ async fn run_on(
     let records = read_records(&store, &job_ids).await;
     let layout = Layout::new(&r.prefix);
     let mut verdicts = Vec::new();
+    let mut ran_until: std::collections::HashMap<u32, i64> = Default::default();
     for id in &job_ids {
         let text = tokio::fs::read_to_string(marks.join(format!("{id}.marks")))
             .await
             .unwrap_or_default();
         let runs = checks::parse_marks(&text);
+        for run in &runs {
+            let e = ran_until.entry(run.pid).or_default();
+            *e = (*e).max(run.last_ms);
+        }
         let record = records.get(id.as_str());
         let objects = attempt_objects(&r, &layout, id, record).await;
         verdicts.push(checks::judge(
@@ -657,12 +675,16 @@ async fn run_on(
             .unwrap_or_else(|| "MISSING".into());
         *states_at_calm_end.entry(st).or_default() += 1;
     }
+    let orphans = watcher.orphans(1000, &fleet.killed, &ran_until);
     let figures = Figures::from_verdicts(
         &verdicts,
         &at_calm_end,
         &kills,
         orphans,
-        leftovers.iter().map(|p| (p.pid, p.cmdline.clone())).collect(),
+        leftovers
+            .iter()
+            .map(|p| (p.pid, p.cmdline.clone()))
+            .collect(),
         recover_s,
         invisible,
         watcher.children_seen(),
@@ -681,7 +703,10 @@ async fn run_on(
         total_seconds: started.elapsed().as_secs_f64(),
         restarts: fleet.restarts,
         unexpected_exits,
-        proxy: proxy.as_ref().map(FaultProxy::stats).unwrap_or_else(Stats::default),
+        proxy: proxy
+            .as_ref()
+            .map(FaultProxy::stats)
+            .unwrap_or_else(Stats::default),
         kills,
         jobs: verdicts,
         out_dir: out.display().to_string(),
@@ -825,4 +850,3 @@ async fn attempt_objects(
     }
     out
 }
-

@@ -57,6 +57,8 @@ pub struct Fleet {
     logs: PathBuf,
     /// Pids of the live agents (pollers), read by the [`Watcher`].
     pub live_agents: Arc<Mutex<HashSet<u32>>>,
+    /// Agent pid → epoch ms of its SIGKILL.
+    pub killed: HashMap<u32, i64>,
     pub restarts: u32,
 }
 
@@ -67,6 +69,7 @@ impl Fleet {
             running: BTreeMap::new(),
             logs,
             live_agents: Arc::default(),
+            killed: HashMap::new(),
             restarts: 0,
         }
     }
@@ -124,6 +127,7 @@ impl Fleet {
         if let Some(mut r) = self.running.remove(&role) {
             // Reaped right away so the pid is not reused while the watcher still knows it.
             let _ = r.child.start_kill();
+            self.killed.insert(r.pid, agentq_core::record::now_ms());
             let _ = r.child.wait().await;
             if let Ok(mut live) = self.live_agents.lock() {
                 live.remove(&r.pid);
@@ -233,24 +237,56 @@ impl Emulator {
 #[derive(Debug, Clone, Serialize)]
 pub struct Orphan {
     pub pid: u32,
-    /// How long it was seen running without a live agent as its parent, in ms.
+    /// How long it went on after its agent was killed (or, when its agent is unknown, how
+    /// long it was seen without a live agent as parent), in ms.
     pub orphaned_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Seen {
-    /// When it was first seen without a live agent parent.
-    orphan_since: Option<Instant>,
-    last_orphan: Option<Instant>,
+    /// The live agent it was first seen under.
+    agent: Option<u32>,
+    /// Epoch ms of the first and last sample without a live agent as parent.
+    orphan_since: Option<i64>,
+    last_orphan: Option<i64>,
+    last_seen: i64,
 }
 
-/// Samples `/proc` for job children of this run: processes whose argv carries `marker`.
-#[derive(Debug)]
+/// Samples `/proc` every 100 ms, in a task of its own, for job children of this run:
+/// processes whose argv carries `marker`. Remembers the agent each child was started by.
+#[derive(Debug, Default)]
 pub struct Watcher {
-    marker: String,
-    live_agents: Arc<Mutex<HashSet<u32>>>,
     /// Key: pid and its start time (so a reused pid is a new process).
     seen: HashMap<(u32, u64), Seen>,
+}
+
+/// The watcher's task; [`WatcherTask::finish`] stops it and returns what it saw.
+#[derive(Debug)]
+pub struct WatcherTask {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Watcher>,
+}
+
+impl WatcherTask {
+    pub fn start(marker: String, live_agents: Arc<Mutex<HashSet<u32>>>) -> Self {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut w = Watcher::default();
+            loop {
+                w.sample(&marker, &live_agents).await;
+                tokio::select! {
+                    _ = &mut stopped => return w,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    pub async fn finish(self) -> Watcher {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
+    }
 }
 
 /// One process from `/proc`.
@@ -312,53 +348,52 @@ pub fn find_processes(needle: &str, env: bool) -> Vec<ProcInfo> {
 }
 
 impl Watcher {
-    pub fn new(marker: String, live_agents: Arc<Mutex<HashSet<u32>>>) -> Self {
-        Self {
-            marker,
-            live_agents,
-            seen: HashMap::new(),
-        }
-    }
-
-    /// One sample.
-    pub async fn sample(&mut self) {
-        let marker = self.marker.clone();
-        let procs = tokio::task::spawn_blocking(move || find_processes(&marker, false))
+    async fn sample(&mut self, marker: &str, live_agents: &Mutex<HashSet<u32>>) {
+        let m = marker.to_owned();
+        let procs = tokio::task::spawn_blocking(move || find_processes(&m, false))
             .await
             .unwrap_or_default();
-        let live = self
-            .live_agents
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default();
-        let now = Instant::now();
+        let live = live_agents.lock().map(|l| l.clone()).unwrap_or_default();
+        let now = agentq_core::record::now_ms();
         for p in procs {
-            let s = self
-                .seen
-                .entry((p.pid, p.start_ticks))
-                .or_insert(Seen {
-                    orphan_since: None,
-                    last_orphan: None,
-                });
-            if !live.contains(&p.ppid) {
+            let s = self.seen.entry((p.pid, p.start_ticks)).or_default();
+            s.last_seen = now;
+            if live.contains(&p.ppid) {
+                s.agent.get_or_insert(p.ppid);
+            } else {
                 s.orphan_since.get_or_insert(now);
                 s.last_orphan = Some(now);
             }
         }
     }
 
-    /// Children seen without a live agent parent for at least `min`.
-    pub fn orphans(&self, min: Duration) -> Vec<Orphan> {
-        let mut v: Vec<Orphan> = self
-            .seen
-            .iter()
-            .filter_map(|((pid, _), s)| {
-                let d = s.last_orphan? - s.orphan_since?;
-                (d >= min).then(|| Orphan {
-                    pid: *pid,
-                    orphaned_ms: d.as_millis() as u64,
-                })
-            })
+    /// Children that went on for at least `min_ms` after their agent was killed
+    /// (`killed`: agent pid → epoch ms of the SIGKILL), or that were seen without a live
+    /// agent parent that long. `ran_until` adds evidence from the marker files: child pid →
+    /// epoch ms of its last line.
+    pub fn orphans(
+        &self,
+        min_ms: u64,
+        killed: &HashMap<u32, i64>,
+        ran_until: &HashMap<u32, i64>,
+    ) -> Vec<Orphan> {
+        let mut by_pid: HashMap<u32, u64> = HashMap::new();
+        for ((pid, _), s) in &self.seen {
+            let mut ms = match (s.orphan_since, s.last_orphan) {
+                (Some(a), Some(b)) => (b - a).max(0) as u64,
+                _ => 0,
+            };
+            if let Some(k) = s.agent.and_then(|a| killed.get(&a)) {
+                let last = s.last_seen.max(ran_until.get(pid).copied().unwrap_or(0));
+                ms = ms.max((last - k).max(0) as u64);
+            }
+            let e = by_pid.entry(*pid).or_default();
+            *e = (*e).max(ms);
+        }
+        let mut v: Vec<Orphan> = by_pid
+            .into_iter()
+            .filter(|(_, ms)| *ms >= min_ms)
+            .map(|(pid, orphaned_ms)| Orphan { pid, orphaned_ms })
             .collect();
         v.sort_by_key(|o| std::cmp::Reverse(o.orphaned_ms));
         v

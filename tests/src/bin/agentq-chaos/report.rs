@@ -38,7 +38,7 @@ pub struct Figures {
     pub attempts_without_logs: usize,
     /// Attempts that lost more than one flush interval of output.
     pub attempts_losing_output: usize,
-    /// Job children seen without a live agent as parent for at least 1 s.
+    /// Job children that went on for 1 s or more after their agent was killed.
     pub orphaned_children: usize,
     pub longest_orphan_ms: u64,
     /// Job processes still alive after every poller was stopped (argv or environment
@@ -262,7 +262,10 @@ pub fn render(s: &Summary) -> String {
         ("jobs terminal", format!("{} of {}", f.terminal, f.jobs)),
         ("states at the end of the calm phase", kv(&f.states)),
         ("jobs run twice at once", f.run_twice_at_once.to_string()),
-        ("jobs run more than once (in sequence)", f.run_more_than_once.to_string()),
+        (
+            "jobs run more than once (in sequence)",
+            f.run_more_than_once.to_string(),
+        ),
         ("attempts without logs", f.attempts_without_logs.to_string()),
         (
             "attempts losing > 1 flush interval of output",
@@ -276,7 +279,10 @@ pub fn render(s: &Summary) -> String {
                 f.longest_orphan_ms as f64 / 1000.0
             ),
         ),
-        ("processes left after pollers stopped", f.processes_left_at_end.to_string()),
+        (
+            "processes left after pollers stopped",
+            f.processes_left_at_end.to_string(),
+        ),
         (
             "time to recover (last kill -> all terminal)",
             f.time_to_recover_s
@@ -292,9 +298,18 @@ pub fn render(s: &Summary) -> String {
                 f.invisible_messages.get("dlq").unwrap_or(&0)
             ),
         ),
-        ("jobs that ran an imposter body", f.ran_foreign_body.to_string()),
-        ("child runs the table does not record", f.unrecorded_runs.to_string()),
-        ("succeeded without artifact", f.succeeded_without_artifact.to_string()),
+        (
+            "jobs that ran an imposter body",
+            f.ran_foreign_body.to_string(),
+        ),
+        (
+            "child runs the table does not record",
+            f.unrecorded_runs.to_string(),
+        ),
+        (
+            "succeeded without artifact",
+            f.succeeded_without_artifact.to_string(),
+        ),
         ("stale-lease takeovers", f.takeovers.to_string()),
         ("re-plan decisions", kv(&f.decisions)),
     ];
