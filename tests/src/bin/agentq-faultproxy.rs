@@ -125,6 +125,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !(cli.fault_rate.is_finite() && (0.0..=1.0).contains(&cli.fault_rate)) {
+        eprintln!(
+            "agentq-faultproxy: --fault-rate {} is not a probability: use 0..=1",
+            cli.fault_rate
+        );
+        return std::process::ExitCode::from(2);
+    }
     if let Err(e) = cli.config().validate() {
         eprintln!("agentq-faultproxy: {e}");
         return std::process::ExitCode::from(2);

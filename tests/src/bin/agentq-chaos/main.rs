@@ -263,6 +263,10 @@ async fn main() -> std::process::ExitCode {
     match run(&cli, settings).await {
         Ok(summary) if summary.passed => std::process::ExitCode::SUCCESS,
         Ok(_) => std::process::ExitCode::from(1),
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("agentq-chaos: {e}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("agentq-chaos: {e:#}");
             std::process::ExitCode::from(3)
@@ -296,6 +300,16 @@ async fn run(cli: &Cli, s: Settings) -> anyhow::Result<Summary> {
             .join(format!("{}-{token}", now_ms() / 1000)),
     };
     let out = std::path::absolute(&out).unwrap_or(out);
+    if std::fs::read_dir(&out).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(usage(
+            "out",
+            format!(
+                "{} is not empty: give a new directory (each run writes its own markers and logs)",
+                out.display()
+            ),
+        )
+        .into());
+    }
     let marks = out.join("marks");
     let logs = out.join("logs");
     let work = out.join("work");
