@@ -110,8 +110,6 @@ async fn ten_percent_aws_faults_every_job_succeeds() {
         "every job succeeds: {:?}",
         jobs.iter().zip(&states).collect::<Vec<_>>()
     );
-    assert!(
-        stats.total_faults() * 20 >= stats.total_requests(),
-        "about 10 % of requests were faulted: {stats:?}"
-    );
+    // About 200 requests at 10 %: fewer than 5 faults would mean the proxy was bypassed.
+    assert!(stats.total_faults() >= 5, "faults were injected: {stats:?}");
 }
