@@ -1,18 +1,24 @@
 //! The handler: a batch of SQS messages in, a partial batch response out. Each message is
 //! processed in its own span; a bad message never poisons the others.
+//!
+//! Per message: defer it if it is not due yet (`agentq-not-before`, bounded), resolve an
+//! offloaded body (configured bucket only, bounded), parse and validate (malformed →
+//! recorded and sent to the DLQ once, never ending an existing job), claim (one live run
+//! per job, fenced by attempt), shorten the message's visibility at once, and run the
+//! job's recorded spec through [`crate::job::run`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentq_core::failure::{FAILURE_RECORD_VERSION, FailureRecord};
+use agentq_core::failure::FailureRecord;
 use agentq_core::layout::msg_attr;
+use agentq_core::payload::{MAX_PAYLOAD_BYTES, resolve_body_within};
 use agentq_core::record::now_ms;
-use agentq_core::spec::{JobSpec, ValidationContext};
-use agentq_core::store::{ClaimOutcome, ClaimRequest, StoreError};
-use agentq_core::{Attempt, FailureCause, JobId, JobState};
+use agentq_core::spec::{JobSpec, ValidSpec, ValidationContext};
+use agentq_core::store::{ClaimOutcome, ClaimRequest};
+use agentq_core::{Attempt, FailureCause, JobId, JobRecord, JobState};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sqs::types::MessageAttributeValue;
-use backon::{ExponentialBuilder, Retryable};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -22,6 +28,10 @@ use crate::job::{self, RunInput, VisibilityLease};
 
 /// Largest spec kept whole in the job record.
 const RECORD_SPEC_MAX: usize = 300 * 1024;
+
+/// Longest a message may defer itself with `agentq-not-before`; a later time is treated
+/// as due (a hostile or broken producer cannot park a message forever).
+const MAX_DEFERRAL_MS: i64 = 48 * 3600 * 1000;
 
 /// One invocation: who we are (lease owner) and when it must end.
 #[derive(Debug, Clone)]
@@ -38,7 +48,6 @@ pub enum Disposition {
     /// Leave it: it comes back after its visibility timeout.
     Retry,
 }
-
 /// Handles a batch; the failed message ids go into `batchItemFailures`.
 pub async fn handle_batch(
     deps: &Arc<Deps>,
@@ -49,7 +58,7 @@ pub async fn handle_batch(
     let results = futures::future::join_all(event.records.into_iter().map(|m| {
         let id = m.message_id.clone().unwrap_or_default();
         let span = tracing::info_span!("message", message_id = %id, job_id = tracing::field::Empty);
-        async move { (id, process(deps, m, inv, shutdown).await) }.instrument(span)
+        async move { (id, Box::pin(process(deps, m, inv, shutdown)).await) }.instrument(span)
     }))
     .await;
     let mut resp = SqsBatchResponse::default();
@@ -76,6 +85,26 @@ fn job_id_of(body: &str) -> Option<JobId> {
     JobId::parse(v.get("job_id")?.as_str()?).ok()
 }
 
+/// Secrets are checked against the prefix when they are read, so that a spec naming a
+/// parameter outside it fails as `secret_denied`, not as a malformed spec.
+fn lenient() -> ValidationContext {
+    ValidationContext {
+        secrets_prefix: "/".into(),
+    }
+}
+
+/// Reads a message body: inline, or an Extended Client pointer into the configured
+/// bucket (bounded).
+async fn resolve(deps: &Deps, raw: &str) -> Result<String, agentq_core::payload::PayloadError> {
+    resolve_body_within(
+        &deps.clients.s3,
+        raw,
+        deps.settings.bucket().ok(),
+        MAX_PAYLOAD_BYTES,
+    )
+    .await
+}
+
 async fn process(
     deps: &Arc<Deps>,
     m: SqsMessage,
@@ -88,10 +117,16 @@ async fn process(
     if let Some(nb) = not_before(&m)
         && nb > now_ms() + 1000
     {
-        return defer(deps, &m, &raw, nb).await;
+        if nb - now_ms() <= MAX_DEFERRAL_MS {
+            return defer(deps, &m, &raw, nb).await;
+        }
+        tracing::warn!(
+            not_before = nb,
+            "agentq-not-before is more than 48 h away; running the message now"
+        );
     }
 
-    let body = match agentq_core::payload::resolve_body(&deps.clients.s3, &raw).await {
+    let body = match resolve(deps, &raw).await {
         Ok(b) => b,
         Err(e) if e.is_retryable() => {
             tracing::warn!(error = %e, "large payload not readable yet; will retry");
@@ -100,12 +135,7 @@ async fn process(
         Err(e) => return reject(deps, &message_id, &raw, None, e.to_string()).await,
     };
 
-    // Secrets are checked against the prefix when they are read, so that a spec naming a
-    // parameter outside it fails as `secret_denied`, not as a malformed spec.
-    let lenient = ValidationContext {
-        secrets_prefix: "/".into(),
-    };
-    let spec = match JobSpec::parse_valid(body.as_bytes(), &lenient) {
+    let spec = match JobSpec::parse_valid(body.as_bytes(), &lenient()) {
         Ok(s) => s,
         Err(e) => return reject(deps, &message_id, &body, job_id_of(&body), e.to_string()).await,
     };
@@ -169,15 +199,7 @@ async fn process(
         Ok(ClaimOutcome::LeaseLive { attempt, owner, .. }) => {
             tracing::info!(%attempt, ?owner, "job is running elsewhere; leaving the message for later");
             if let Some(v) = &visibility {
-                let _ = deps
-                    .clients
-                    .sqs
-                    .change_message_visibility()
-                    .queue_url(&v.queue_url)
-                    .receipt_handle(&v.receipt_handle)
-                    .visibility_timeout(deps.config.stale_after.as_secs().max(1) as i32)
-                    .send()
-                    .await;
+                set_visibility(deps, v, deps.config.stale_after.as_secs().max(1) as i32).await;
             }
             return Disposition::Retry;
         }
@@ -193,75 +215,72 @@ async fn process(
             return Disposition::Retry;
         }
     };
-
-    let outcome = job::run(
-        deps,
-        RunInput {
-            spec: &spec,
-            attempt,
-            record: &record,
-            invocation_deadline: inv.deadline,
-            visibility,
-            shutdown: shutdown.clone(),
-        },
-    )
-    .await;
-    if outcome.lease_lost {
-        return Disposition::Ack;
+    // The first visibility change happens at the claim: whatever the queue's visibility
+    // timeout, a run that dies from here on has its message back within the horizon.
+    if let Some(v) = &visibility {
+        set_visibility(deps, v, deps.config.visibility_horizon as i32).await;
     }
-    let fin = outcome.finish;
-    let write = || async {
-        deps.store
-            .finish(&spec.job_id, attempt, &fin, now_ms())
-            .await
+
+    let input = |spec| RunInput {
+        spec,
+        attempt,
+        record: &record,
+        invocation_deadline: inv.deadline,
+        visibility: visibility.clone(),
+        shutdown: shutdown.clone(),
+        message_id: message_id.clone(),
     };
-    match write
-        .retry(
-            ExponentialBuilder::default()
-                .with_max_times(3)
-                .with_jitter(),
-        )
-        .when(StoreError::is_retryable)
+    // The recorded spec wins: a message that reuses the id of a recorded job only
+    // triggers the run of the job's own spec.
+    match recorded_spec(deps, &record, &spec).await {
+        Ok(None) => job::run(deps, input(&spec)).await,
+        Ok(Some(recorded)) => {
+            tracing::warn!(
+                "the message's spec differs from the job's recorded spec; running the recorded one"
+            );
+            job::run(deps, input(&recorded)).await
+        }
+        Err(why) => job::fail_claimed(deps, input(&spec), FailureCause::InfraTransient, why).await,
+    }
+}
+
+/// The job's recorded spec when it differs from the message's (`None`: the same, or the
+/// record has none).
+async fn recorded_spec(
+    deps: &Deps,
+    record: &JobRecord,
+    message_spec: &ValidSpec,
+) -> Result<Option<ValidSpec>, String> {
+    let Some(stored) = record.spec.as_deref() else {
+        return Ok(None);
+    };
+    let ours = message_spec.to_json();
+    if stored == ours {
+        return Ok(None);
+    }
+    let body = resolve(deps, stored)
+        .await
+        .map_err(|e| format!("the job's recorded spec could not be read: {e}"))?;
+    let recorded = JobSpec::parse_valid(body.as_bytes(), &lenient())
+        .map_err(|e| format!("the job's recorded spec is not valid: {e}"))?;
+    let same = serde_json::from_str::<serde_json::Value>(&recorded.to_json()).ok()
+        == serde_json::from_str::<serde_json::Value>(&ours).ok();
+    Ok((!same).then_some(recorded))
+}
+
+async fn set_visibility(deps: &Deps, v: &VisibilityLease, seconds: i32) {
+    if let Err(e) = deps
+        .clients
+        .sqs
+        .change_message_visibility()
+        .queue_url(&v.queue_url)
+        .receipt_handle(&v.receipt_handle)
+        .visibility_timeout(seconds)
+        .send()
         .await
     {
-        Ok(rec) => tracing::info!(status = %rec.status, reason = %fin.reason, "job finished"),
-        Err(StoreError::Conflict { .. }) => {
-            tracing::warn!("another attempt owns the job now; our result is not recorded");
-            return Disposition::Ack;
-        }
-        Err(e) => {
-            // The lease will go stale and a later delivery takes over.
-            tracing::error!(error = %e, "final write failed; leaving the message for a later attempt");
-            return Disposition::Retry;
-        }
+        tracing::warn!(error = %agentq_core::aws::display(&e), "could not change the message's visibility");
     }
-    if matches!(fin.state, JobState::Failed | JobState::TimedOut)
-        && let Some(cause) = fin.cause.clone()
-    {
-        let rec = FailureRecord {
-            agentq_failure: FAILURE_RECORD_VERSION,
-            job_id: Some(spec.job_id.clone()),
-            attempt,
-            state: fin.state,
-            cause,
-            reason: fin.reason.clone(),
-            at: now_ms(),
-            segment: outcome.segment,
-            session_id: fin.progress.session_id.clone(),
-            result_key: fin.result_key.clone(),
-            raw_body: None,
-            message_id: Some(message_id),
-        };
-        if send_failure(deps, &rec).await
-            && let Err(e) = deps
-                .store
-                .mark_failure_reported(&spec.job_id, attempt)
-                .await
-        {
-            tracing::warn!(error = %e, "could not note that the failure was reported");
-        }
-    }
-    Disposition::Ack
 }
 
 /// A redelivered message of a FAILED/TIMED_OUT job: if the run that failed died before
@@ -287,21 +306,18 @@ async fn report_unreported(deps: &Deps, job: &JobId, message_id: &str) -> Dispos
         return Disposition::Ack;
     };
     tracing::warn!(attempt = %rec.attempt, "the failure of this job was never reported; sending its failure record now");
-    let failure = FailureRecord {
-        agentq_failure: FAILURE_RECORD_VERSION,
-        job_id: Some(job.clone()),
-        attempt: rec.attempt,
-        state: rec.status,
+    let failure = FailureRecord::attempt(
+        job,
+        rec.attempt,
+        rec.status,
         cause,
-        reason: rec.reason.clone().unwrap_or_default(),
-        at: now_ms(),
-        segment: rec.segment,
-        session_id: rec.resume_session.clone(),
-        result_key: rec.result_key.clone(),
-        raw_body: None,
-        message_id: Some(message_id.to_owned()),
-    };
-    if !send_failure(deps, &failure).await {
+        rec.reason.clone().unwrap_or_default(),
+        rec.segment,
+        rec.resume_session.clone(),
+        rec.result_key.clone(),
+        Some(message_id.to_owned()),
+    );
+    if !job::send_failure(deps, &failure).await {
         return Disposition::Retry;
     }
     if let Err(e) = deps.store.mark_failure_reported(job, rec.attempt).await {
@@ -310,8 +326,10 @@ async fn report_unreported(deps: &Deps, job: &JobId, message_id: &str) -> Dispos
     Disposition::Ack
 }
 
-/// A message that can never run: record it (when it names a job), send a classified
-/// failure record to the DLQ once, and acknowledge it so it is not retried in a loop.
+/// A message that can never run: record it (when it names a job that has no record yet),
+/// send a classified failure record to the DLQ once, and acknowledge it so it is not
+/// retried in a loop. A job that exists is never touched: a malformed message reusing its
+/// id must not end it (the DLQ record then names no job).
 async fn reject(
     deps: &Deps,
     message_id: &str,
@@ -320,81 +338,55 @@ async fn reject(
     reason: String,
 ) -> Disposition {
     tracing::warn!(%reason, "malformed message; recording it and sending it to the DLQ");
-    if let Some(j) = &job
-        && let Err(e) = deps.store.record_invalid(j, body, &reason, now_ms()).await
-    {
-        tracing::warn!(error = %e, "could not record the invalid spec");
-        if e.is_retryable() {
-            return Disposition::Retry;
+    let mut recorded = None;
+    if let Some(j) = &job {
+        match deps.store.record_invalid(j, body, &reason, now_ms()).await {
+            Ok(true) => recorded = Some(j.clone()),
+            Ok(false) => {
+                tracing::warn!(job = %j, "a malformed message reuses the id of an existing job; the job is left alone")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the invalid spec");
+                if e.is_retryable() {
+                    return Disposition::Retry;
+                }
+            }
         }
     }
-    let rec = FailureRecord {
-        agentq_failure: FAILURE_RECORD_VERSION,
-        job_id: job,
-        attempt: Attempt::NONE,
-        state: JobState::Dead,
-        cause: FailureCause::InvalidSpec,
-        reason,
-        at: now_ms(),
-        segment: 1,
-        session_id: None,
-        result_key: None,
-        raw_body: Some(body.chars().take(64 * 1024).collect()),
-        message_id: Some(message_id.to_owned()),
-    };
-    if send_failure(deps, &rec).await {
+    let rec = FailureRecord::invalid(recorded, reason, body, Some(message_id.to_owned()));
+    if job::send_failure(deps, &rec).await {
         Disposition::Ack
     } else {
         Disposition::Retry
     }
 }
 
-async fn send_failure(deps: &Deps, rec: &FailureRecord) -> bool {
-    let Ok(dlq) = deps.settings.dlq_url() else {
-        tracing::error!("AGENTQ_DLQ_URL is not set: the failure record cannot be sent");
-        return false;
-    };
-    let body = rec.to_json();
-    let send = || async {
-        deps.clients
-            .sqs
-            .send_message()
-            .queue_url(dlq)
-            .message_body(&body)
-            .message_attributes(
-                msg_attr::RECORD_TYPE,
-                MessageAttributeValue::builder()
-                    .data_type("String")
-                    .string_value("failure")
-                    .build()
-                    .expect("data type is set"),
-            )
-            .send()
-            .await
-    };
-    match send
-        .retry(
-            ExponentialBuilder::default()
-                .with_max_times(4)
-                .with_jitter(),
-        )
-        .when(agentq_core::aws::is_transient)
-        .await
-    {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::error!(error = %agentq_core::aws::display(&e), "failure record not sent to the DLQ");
-            false
-        }
-    }
-}
-
 /// A message that must not start yet: send a copy with the remaining delay (SQS allows
-/// 900 s per hop; longer waits are chained) and acknowledge this one.
+/// 900 s per hop; longer waits are chained) and acknowledge this one. The message of a
+/// job cancelled (or ended) meanwhile is dropped instead.
 async fn defer(deps: &Deps, m: &SqsMessage, body: &str, not_before: i64) -> Disposition {
     let Some(arn) = &m.event_source_arn else {
         return Disposition::Retry;
     };
+    let job = m
+        .message_attributes
+        .get(msg_attr::JOB_ID)
+        .and_then(|a| a.string_value.as_deref())
+        .and_then(|s| JobId::parse(s).ok())
+        .or_else(|| job_id_of(body));
+    if let Some(j) = &job {
+        match deps.store.get(j).await {
+            Ok(Some(rec)) if rec.cancel_requested || rec.status.is_terminal() => {
+                tracing::info!(job = %j, status = %rec.status, "deferred message of a cancelled or finished job dropped");
+                return Disposition::Ack;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the record before deferring; will retry");
+                return Disposition::Retry;
+            }
+        }
+    }
     let Some(url) = deps.queue_url_for(arn).await else {
         return Disposition::Retry;
     };

@@ -3,16 +3,20 @@
 //! call it: the Lambda runtime ([`lambda`]), a local poller that plays the event source
 //! mapping ([`poll`]), and a one-shot run of a spec file (`agentq-agent run`).
 
+pub mod checkpoint;
 pub mod child;
 pub mod config;
+pub mod credentials;
 pub mod events;
 pub mod handler;
+pub mod isolation;
 pub mod job;
 pub mod lambda;
 pub mod logs;
 pub mod poll;
 pub mod redact;
 pub mod secrets;
+pub mod upload;
 pub mod workspace;
 
 use std::collections::HashMap;
@@ -33,6 +37,8 @@ pub struct Deps {
     pub config: AgentConfig,
     /// Bounds the children running at once in this process.
     pub jobs: Semaphore,
+    /// One uid/gid per concurrent job when the agent is root (`None` otherwise).
+    pub identities: Option<isolation::IdentityPool>,
     /// Queue ARN → URL, for visibility heartbeats. A std mutex: held only for a lookup,
     /// never across an await.
     queue_urls: Mutex<HashMap<String, String>>,
@@ -49,6 +55,9 @@ impl Deps {
         settings.bucket()?;
         Ok(Self {
             jobs: Semaphore::new(config.max_concurrent_jobs),
+            identities: config
+                .child_identity
+                .map(|(uid, gid)| isolation::IdentityPool::new(uid, gid)),
             clients,
             store,
             settings,

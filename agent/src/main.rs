@@ -114,6 +114,12 @@ async fn main() -> std::process::ExitCode {
 
 async fn real_main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
+    // Before any job: the agent's environment (its AWS keys on Lambda) becomes unreadable
+    // to its children, and escaped descendants are re-parented to it.
+    let hardening = agentq_agent::isolation::init_process();
+    if !(hardening.non_dumpable && hardening.subreaper) {
+        tracing::warn!(?hardening, "process hardening incomplete (prctl refused)");
+    }
     let settings = Settings::from_args(&cli.settings)?;
     let config = AgentConfig::from_args(&cli.agent)?;
     let sdk = agentq_core::load_sdk_config().await;

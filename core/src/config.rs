@@ -24,6 +24,8 @@ pub struct AwsClients {
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub s3: aws_sdk_s3::Client,
     pub ssm: aws_sdk_ssm::Client,
+    /// Job credentials (the agent assumes the job role).
+    pub sts: aws_sdk_sts::Client,
 }
 
 impl AwsClients {
@@ -33,6 +35,7 @@ impl AwsClients {
             dynamodb: aws_sdk_dynamodb::Client::new(sdk),
             s3: s3_client(sdk),
             ssm: aws_sdk_ssm::Client::new(sdk),
+            sts: aws_sdk_sts::Client::new(sdk),
         }
     }
 }

@@ -66,6 +66,58 @@ impl DlqMessage {
 }
 
 impl FailureRecord {
+    /// The record of an attempt that ended in `state` for `cause`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attempt(
+        job: &JobId,
+        attempt: Attempt,
+        state: JobState,
+        cause: FailureCause,
+        reason: impl Into<String>,
+        segment: u32,
+        session_id: Option<String>,
+        result_key: Option<String>,
+        message_id: Option<String>,
+    ) -> Self {
+        Self {
+            agentq_failure: FAILURE_RECORD_VERSION,
+            job_id: Some(job.clone()),
+            attempt,
+            state,
+            cause,
+            reason: reason.into(),
+            at: crate::record::now_ms(),
+            segment,
+            session_id,
+            result_key,
+            raw_body: None,
+            message_id,
+        }
+    }
+
+    /// The record of a message that could not be run at all.
+    pub fn invalid(
+        job: Option<JobId>,
+        reason: impl Into<String>,
+        raw_body: &str,
+        message_id: Option<String>,
+    ) -> Self {
+        Self {
+            agentq_failure: FAILURE_RECORD_VERSION,
+            job_id: job,
+            attempt: Attempt::NONE,
+            state: JobState::Dead,
+            cause: FailureCause::InvalidSpec,
+            reason: reason.into(),
+            at: crate::record::now_ms(),
+            segment: 1,
+            session_id: None,
+            result_key: None,
+            raw_body: Some(raw_body.chars().take(64 * 1024).collect()),
+            message_id,
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }

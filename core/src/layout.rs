@@ -200,6 +200,16 @@ impl Layout {
         format!("{}checkpoint/session.json", self.job_prefix(job))
     }
 
+    /// The archive of the workspace (`home/` and `work/`) saved with a checkpoint.
+    pub fn checkpoint_archive(&self, job: &JobId) -> String {
+        format!("{}checkpoint/workspace.tar.gz", self.job_prefix(job))
+    }
+
+    /// Prefix of every checkpoint object of a job (readable by the agent role only).
+    pub fn checkpoint_prefix(&self, job: &JobId) -> String {
+        format!("{}checkpoint/", self.job_prefix(job))
+    }
+
     /// Where an oversized spec is stored.
     pub fn payload(&self, name: &str) -> String {
         format!("{}payloads/{name}.json", self.root())

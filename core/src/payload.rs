@@ -55,6 +55,12 @@ pub enum PayloadError {
     },
     #[error("payload s3://{bucket}/{key} is not UTF-8 text")]
     NotText { bucket: String, key: String },
+    #[error("payload s3://{bucket}/{key} refused: {why}")]
+    Refused {
+        bucket: String,
+        key: String,
+        why: String,
+    },
 }
 
 impl PayloadError {
@@ -69,16 +75,46 @@ impl PayloadError {
     }
 }
 
-/// Returns the message's real body: the body itself, or the S3 object a pointer names.
+/// Largest payload a pointer may name: a valid spec is far smaller (prompt ≤ 512 KiB, env
+/// ≤ 32 KiB), so anything bigger is refused before it is read.
+pub const MAX_PAYLOAD_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Returns the message's real body: the body itself, or the S3 object a pointer names
+/// (any bucket, at most [`MAX_PAYLOAD_BYTES`]).
 pub async fn resolve_body(s3: &aws_sdk_s3::Client, body: &str) -> Result<String, PayloadError> {
+    resolve_body_within(s3, body, None, MAX_PAYLOAD_BYTES).await
+}
+
+/// Like [`resolve_body`], accepting pointers only into `bucket` (when given) and reading
+/// at most `max_bytes`, streamed: an oversized object is refused, never collected whole.
+pub async fn resolve_body_within(
+    s3: &aws_sdk_s3::Client,
+    body: &str,
+    bucket: Option<&str>,
+    max_bytes: u64,
+) -> Result<String, PayloadError> {
     let Some(ptr) = PayloadPointer::parse(body) else {
         return Ok(body.to_owned());
     };
+    if let Some(b) = bucket
+        && ptr.bucket != b
+    {
+        return Err(PayloadError::Refused {
+            bucket: ptr.bucket.clone(),
+            key: ptr.key.clone(),
+            why: format!("payloads are read only from the configured bucket {b:?}"),
+        });
+    }
     let fetch_err = |transient: bool, message: String| PayloadError::Fetch {
         bucket: ptr.bucket.clone(),
         key: ptr.key.clone(),
         transient,
         message,
+    };
+    let too_big = |n: u64| PayloadError::Refused {
+        bucket: ptr.bucket.clone(),
+        key: ptr.key.clone(),
+        why: format!("the payload is larger than {max_bytes} bytes ({n} or more)"),
     };
     let out = s3
         .get_object()
@@ -87,13 +123,29 @@ pub async fn resolve_body(s3: &aws_sdk_s3::Client, body: &str) -> Result<String,
         .send()
         .await
         .map_err(|e| fetch_err(crate::aws::is_transient(&e), crate::aws::display(&e)))?;
-    let bytes = out
-        .body
-        .collect()
-        .await
-        .map_err(|e| fetch_err(true, e.to_string()))?
-        .into_bytes();
-    String::from_utf8(bytes.to_vec()).map_err(|_| PayloadError::NotText {
+    if let Some(n) = out.content_length()
+        && n as u64 > max_bytes
+    {
+        return Err(too_big(n as u64));
+    }
+    let mut reader = out.body.into_async_read();
+    let mut bytes = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        use tokio::io::AsyncReadExt;
+        let n = reader
+            .read(&mut chunk)
+            .await
+            .map_err(|e| fetch_err(true, e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        if (bytes.len() + n) as u64 > max_bytes {
+            return Err(too_big((bytes.len() + n) as u64));
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8(bytes).map_err(|_| PayloadError::NotText {
         bucket: ptr.bucket.clone(),
         key: ptr.key.clone(),
     })

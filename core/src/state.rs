@@ -147,6 +147,17 @@ pub enum FailureCause {
     InfraTransient,
     /// The run vanished (runtime died, OOM): found later by a stale lease.
     Crashed,
+    /// A timed-out session could not be resumed (the CLI no longer knows it): the next
+    /// attempt starts afresh.
+    ResumeFailed,
+    /// The model API refused with a rate limit; `reset_at` (epoch millis) when it said
+    /// when the limit resets.
+    RateLimited {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reset_at: Option<crate::record::EpochMillis>,
+    },
+    /// The job's `max_budget_usd` was reached and the platform stopped the child.
+    BudgetExceeded,
 }
 
 impl FailureCause {
@@ -160,6 +171,9 @@ impl FailureCause {
             Self::Cancelled => "cancelled",
             Self::InfraTransient => "infra_transient",
             Self::Crashed => "crashed",
+            Self::ResumeFailed => "resume_failed",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::BudgetExceeded => "budget_exceeded",
         }
     }
 
@@ -182,13 +196,19 @@ impl FailureCause {
             "cancelled" => Self::Cancelled,
             "infra_transient" => Self::InfraTransient,
             "crashed" => Self::Crashed,
+            "resume_failed" => Self::ResumeFailed,
+            "rate_limited" => Self::RateLimited { reset_at: None },
+            "budget_exceeded" => Self::BudgetExceeded,
             _ => return None,
         })
     }
 
     /// Whether running the same job again, unchanged, may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::InfraTransient | Self::Crashed)
+        matches!(
+            self,
+            Self::InfraTransient | Self::Crashed | Self::ResumeFailed | Self::RateLimited { .. }
+        )
     }
 
     /// The state an attempt with this cause ends in.

@@ -653,15 +653,16 @@ impl JobStore {
         .map(|_| ())
     }
 
-    /// Records a job whose message could not be run at all (malformed spec). Creates the
-    /// record when missing; leaves a job that already ran alone.
+    /// Records a job whose message could not be run at all (malformed spec), when no
+    /// record of that id exists. Returns whether it made one: an existing job is never
+    /// touched (a malformed message that reuses its id must not end it).
     pub async fn record_invalid(
         &self,
         job: &JobId,
         raw_spec: &str,
         reason: &str,
         now: EpochMillis,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut rec = JobRecord::new(job.clone(), JobState::Dead, now);
         rec.spec = Some(raw_spec.chars().take(64 * 1024).collect());
         rec.cause = Some(FailureCause::InvalidSpec.kind().into());
@@ -669,23 +670,8 @@ impl JobStore {
         rec.finished_at = Some(now);
         rec.expires_at = Some(now / 1000 + self.retention_days * 86_400);
         match self.put_new(&rec).await {
-            Ok(()) => Ok(()),
-            Err(StoreError::AlreadyExists { .. }) => {
-                let mut e = Expr::default();
-                e.cond_state_in(&[JobState::Queued, JobState::RetryScheduled])
-                    .set(attr::STATUS, s_attr(JobState::Dead.as_str()))
-                    .set(attr::CAUSE, s_attr(FailureCause::InvalidSpec.kind()))
-                    .set(attr::REASON, s_attr(reason))
-                    .set(attr::FINISHED_AT, n_attr(now))
-                    .set(attr::UPDATED_AT, n_attr(now));
-                match self
-                    .update(job, "UpdateItem(invalid)", e, String::new)
-                    .await
-                {
-                    Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }
+            Ok(()) => Ok(true),
+            Err(StoreError::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(e),
         }
     }

@@ -6,8 +6,13 @@
 //! emulator for the whole run). Otherwise the first test to need one starts moto on
 //! `127.0.0.1:$AGENTQ_TEST_PORT` (default 4598) under a file lock, and leaves it running
 //! for the next test process; `localdev/down`-style cleanup is the test command's job.
+//!
+//! [`models`] runs scripted stand-ins for the model APIs and [`agent_clis`] installs the
+//! real Claude Code and Codex CLIs, for tests that run the real agents.
 
+pub mod agent_clis;
 pub mod faultproxy;
+pub mod models;
 pub mod runtime_api;
 
 use std::io::{Read, Write};

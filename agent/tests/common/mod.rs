@@ -99,8 +99,13 @@ pub fn claude(job: &str, prompt: &str) -> String {
         .to_string()
 }
 
+/// A temporary directory the jobs' own uids may pass through (the agent runs their
+/// children under other uids when the tests run as root).
 pub fn work_root() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tempdir")
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    d
 }
 
 pub fn is_empty_dir(p: &std::path::Path) -> bool {

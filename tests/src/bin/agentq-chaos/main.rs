@@ -318,6 +318,10 @@ async fn run(cli: &Cli, s: Settings) -> anyhow::Result<Summary> {
             .await
             .with_context(|| format!("creating {}", d.display()))?;
     }
+    // A root agent runs each job slot under its own uid: every child must be able to
+    // append to the markers (the files are made, world-writable, before the jobs start).
+    use std::os::unix::fs::PermissionsExt;
+    tokio::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o777)).await?;
     say(format!(
         "run {token}: {} jobs, {} pollers x {}, {} s of kills every {}-{} s, {} s of calm at most, faults {}, seed {}; files in {}",
         s.jobs,
@@ -482,6 +486,11 @@ async fn run_on(
         .iter()
         .map(|id| (id.clone(), spec(id, BODY, &marks, token, ticks)))
         .collect();
+    for id in &ids {
+        let f = marks.join(format!("{id}.marks"));
+        tokio::fs::write(&f, b"").await?;
+        tokio::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).await?;
+    }
     let batch = out.join("jobs.jsonl");
     tokio::fs::write(
         &batch,
