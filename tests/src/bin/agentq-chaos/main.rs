@@ -12,6 +12,7 @@ mod procs;
 mod report;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -320,7 +321,6 @@ async fn run(cli: &Cli, s: Settings) -> anyhow::Result<Summary> {
     }
     // A root agent runs each job slot under its own uid: every child must be able to
     // append to the markers (the files are made, world-writable, before the jobs start).
-    use std::os::unix::fs::PermissionsExt;
     tokio::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o777)).await?;
     say(format!(
         "run {token}: {} jobs, {} pollers x {}, {} s of kills every {}-{} s, {} s of calm at most, faults {}, seed {}; files in {}",
