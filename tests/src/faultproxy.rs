@@ -506,7 +506,7 @@ struct Message {
     /// Request line: method and target (empty for a response).
     method: String,
     target: String,
-    headers: Vec<(String, String)>,
+    headers: Headers,
     body: Vec<u8>,
     /// A response without length that ends when the connection closes.
     close_delimited: bool,
@@ -562,7 +562,12 @@ async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>
     }
 }
 
-fn parse_head(head: &[u8]) -> Result<(String, String, Vec<(String, String)>), HttpError> {
+/// Header names and values, in order.
+type Headers = Vec<(String, String)>;
+
+/// The first two words of the start line (method and target, or version and status) and
+/// the headers.
+fn parse_head(head: &[u8]) -> Result<(String, String, Headers), HttpError> {
     let text = std::str::from_utf8(head).map_err(|_| HttpError::Malformed("head not UTF-8"))?;
     let mut lines = text.split("\r\n").flat_map(|l| l.split('\n'));
     let first = lines.next().ok_or(HttpError::Malformed("empty head"))?;

@@ -132,18 +132,34 @@ pub struct JobVerdict {
     pub takeovers: usize,
 }
 
-/// Judges one job. `objects` is keyed by attempt; `queued` says a message naming the job
-/// is visible on the jobs queue or the DLQ; `now_ms` is when the evidence was read.
-pub fn judge(
-    job_id: &str,
-    submitted_body: &str,
-    record: Option<&JobRecord>,
-    runs: &[Run],
-    objects: &BTreeMap<u32, AttemptObjects>,
-    queued: bool,
-    now_ms: i64,
-    t: Timing,
-) -> JobVerdict {
+/// What is known about one job at the end of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Evidence<'a> {
+    pub job_id: &'a str,
+    /// The body tag the job was submitted with.
+    pub submitted_body: &'a str,
+    pub record: Option<&'a JobRecord>,
+    /// Its child's runs, from the marker file.
+    pub runs: &'a [Run],
+    /// What S3 holds, by attempt.
+    pub objects: &'a BTreeMap<u32, AttemptObjects>,
+    /// A message naming the job is visible on the jobs queue or the DLQ.
+    pub queued: bool,
+    /// When the evidence was read, epoch ms.
+    pub now_ms: i64,
+}
+
+/// Judges one job.
+pub fn judge(e: Evidence<'_>, t: Timing) -> JobVerdict {
+    let Evidence {
+        job_id,
+        submitted_body,
+        record,
+        runs,
+        objects,
+        queued,
+        now_ms,
+    } = e;
     let recorded: BTreeSet<u32> = record
         .map(|r| r.attempts.keys().filter_map(|k| k.parse().ok()).collect())
         .unwrap_or_default();
@@ -288,6 +304,24 @@ mod tests {
         r
     }
 
+    fn ev<'a>(
+        record: Option<&'a JobRecord>,
+        runs: &'a [Run],
+        objects: &'a BTreeMap<u32, AttemptObjects>,
+        queued: bool,
+        now_ms: i64,
+    ) -> Evidence<'a> {
+        Evidence {
+            job_id: "j",
+            submitted_body: "orig",
+            record,
+            runs,
+            objects,
+            queued,
+            now_ms,
+        }
+    }
+
     fn run(attempt: u32, start: i64, last: i64, ticks: u32) -> Run {
         Run {
             attempt,
@@ -327,7 +361,7 @@ mod tests {
                 stdout_ticks: 10,
             },
         );
-        let v = judge("j", "orig", Some(&rec), &runs, &objects, false, 10_000, T);
+        let v = judge(ev(Some(&rec), &runs, &objects, false, 10_000), T);
         let missing: Vec<u32> = v.missing_logs.iter().map(|m| m.attempt).collect();
         assert_eq!(missing, vec![2, 3], "{v:?}");
         assert_eq!(v.lost_output.len(), 1);
@@ -343,11 +377,11 @@ mod tests {
         rec.heartbeat_at = Some(9_000);
         let none = BTreeMap::new();
         // Live lease.
-        assert!(!judge("j", "orig", Some(&rec), &[], &none, false, 10_000, T).stranded);
+        assert!(!judge(ev(Some(&rec), &[], &none, false, 10_000), T).stranded);
         // Stale lease, no message anywhere.
-        assert!(judge("j", "orig", Some(&rec), &[], &none, false, 20_000, T).stranded);
+        assert!(judge(ev(Some(&rec), &[], &none, false, 20_000), T).stranded);
         // Stale lease, but a message will bring it back.
-        assert!(!judge("j", "orig", Some(&rec), &[], &none, true, 20_000, T).stranded);
+        assert!(!judge(ev(Some(&rec), &[], &none, true, 20_000), T).stranded);
         // A retry due later.
         let mut rec = record(JobState::RetryScheduled, &[(1, None, None)]);
         rec.history.push(Decision {
@@ -356,13 +390,13 @@ mod tests {
             delay_seconds: Some(10),
             ..Default::default()
         });
-        assert!(!judge("j", "orig", Some(&rec), &[], &none, false, 20_000, T).stranded);
-        assert!(judge("j", "orig", Some(&rec), &[], &none, false, 30_000, T).stranded);
+        assert!(!judge(ev(Some(&rec), &[], &none, false, 20_000), T).stranded);
+        assert!(judge(ev(Some(&rec), &[], &none, false, 30_000), T).stranded);
         // Terminal is never stranded; a foreign body is counted.
         let rec = record(JobState::Dead, &[(1, None, None)]);
         let mut foreign = run(1, 0, 10, 0);
         foreign.body = "imposter".into();
-        let v = judge("j", "orig", Some(&rec), &[foreign], &none, false, 30_000, T);
+        let v = judge(ev(Some(&rec), &[foreign], &none, false, 30_000), T);
         assert!(!v.stranded);
         assert_eq!(v.foreign_runs, 1);
     }

@@ -680,13 +680,15 @@ async fn run_on(
         let record = records.get(id.as_str());
         let objects = attempt_objects(&r, &layout, id, record).await;
         verdicts.push(checks::judge(
-            id.as_str(),
-            BODY,
-            record,
-            &runs,
-            &objects,
-            queued.contains(id.as_str()),
-            read_at,
+            checks::Evidence {
+                job_id: id.as_str(),
+                submitted_body: BODY,
+                record,
+                runs: &runs,
+                objects: &objects,
+                queued: queued.contains(id.as_str()),
+                now_ms: read_at,
+            },
             s.timing(),
         ));
     }
