@@ -122,6 +122,8 @@ pub struct JobVerdict {
     pub runs: usize,
     pub overlaps: Vec<(Run, Run)>,
     pub missing_logs: Vec<MissingLogs>,
+    /// Attempts that ended (not crashed) without a `result.json`.
+    pub missing_manifest: Vec<u32>,
     pub lost_output: Vec<LostOutput>,
     /// Runs of a body other than the one submitted under this id.
     pub foreign_runs: usize,
@@ -164,6 +166,7 @@ pub fn judge(e: Evidence<'_>, t: Timing) -> JobVerdict {
         .map(|r| r.attempts.keys().filter_map(|k| k.parse().ok()).collect())
         .unwrap_or_default();
     let mut missing_logs = Vec::new();
+    let mut missing_manifest = Vec::new();
     let mut lost_output = Vec::new();
     // A run shorter than this may legitimately have uploaded nothing: it was killed
     // before its first flush.
@@ -186,14 +189,9 @@ pub fn judge(e: Evidence<'_>, t: Timing) -> JobVerdict {
         let crashed = att.cause.as_deref() == Some("crashed");
         let finished = att.status.is_some() && !crashed;
         if finished && !o.result {
-            missing_logs.push(MissingLogs {
-                attempt: a,
-                why: format!(
-                    "the attempt ended {} but has no result.json",
-                    att.status.map(|s| s.to_string()).unwrap_or_default()
-                ),
-            });
-        } else if o.stdout_segments == 0
+            missing_manifest.push(a);
+        }
+        if o.stdout_segments == 0
             && printed > 0
             && (finished || longest.unwrap_or(0) >= long_enough_ms)
         {
@@ -241,6 +239,7 @@ pub fn judge(e: Evidence<'_>, t: Timing) -> JobVerdict {
         runs: runs.len(),
         overlaps: overlapping(runs),
         missing_logs,
+        missing_manifest,
         lost_output,
         foreign_runs: runs.iter().filter(|r| r.body != submitted_body).count(),
         unrecorded_runs: runs
@@ -345,7 +344,8 @@ mod tests {
             ],
         );
         // Attempt 1 was killed after 0.5 s (nothing uploaded is fine); attempt 2 printed
-        // for 2.5 s and uploaded nothing; attempt 3 finished but left no result.json.
+        // for 2.5 s and uploaded nothing; attempt 3 finished with its logs but left no
+        // result.json.
         let runs = vec![
             run(1, 0, 500, 2),
             run(2, 1000, 3500, 12),
@@ -363,7 +363,8 @@ mod tests {
         );
         let v = judge(ev(Some(&rec), &runs, &objects, false, 10_000), T);
         let missing: Vec<u32> = v.missing_logs.iter().map(|m| m.attempt).collect();
-        assert_eq!(missing, vec![2, 3], "{v:?}");
+        assert_eq!(missing, vec![2], "{v:?}");
+        assert_eq!(v.missing_manifest, vec![3]);
         assert_eq!(v.lost_output.len(), 1);
         assert_eq!(v.lost_output[0].attempt, 2);
         assert!(!v.stranded);

@@ -36,6 +36,8 @@ pub struct Figures {
     pub child_runs: usize,
     /// Attempts the table records whose output or manifest is missing from S3.
     pub attempts_without_logs: usize,
+    /// Attempts that ended (any status but crashed) without their `result.json`.
+    pub attempts_without_manifest: usize,
     /// Attempts that lost more than one flush interval of output.
     pub attempts_losing_output: usize,
     /// Job children that went on for 1 s or more after their agent was killed.
@@ -111,6 +113,7 @@ impl Figures {
             run_more_than_once: verdicts.iter().filter(|v| v.runs > 1).count(),
             child_runs: verdicts.iter().map(|v| v.runs).sum(),
             attempts_without_logs: verdicts.iter().map(|v| v.missing_logs.len()).sum(),
+            attempts_without_manifest: verdicts.iter().map(|v| v.missing_manifest.len()).sum(),
             attempts_losing_output: verdicts.iter().map(|v| v.lost_output.len()).sum(),
             orphaned_children: orphans.len(),
             longest_orphan_ms: orphans.iter().map(|o| o.orphaned_ms).max().unwrap_or(0),
@@ -268,6 +271,10 @@ pub fn render(s: &Summary) -> String {
         ),
         ("attempts without logs", f.attempts_without_logs.to_string()),
         (
+            "attempts ended without result.json",
+            f.attempts_without_manifest.to_string(),
+        ),
+        (
             "attempts losing > 1 flush interval of output",
             f.attempts_losing_output.to_string(),
         ),
@@ -342,6 +349,9 @@ pub fn render(s: &Summary) -> String {
         }
         for m in &j.missing_logs {
             why.push(format!("attempt {}: {}", m.attempt, m.why));
+        }
+        for a in &j.missing_manifest {
+            why.push(format!("attempt {a} ended without result.json"));
         }
         if !why.is_empty() {
             details.push(format!("  {}: {}", j.job_id, why.join("; ")));
