@@ -36,6 +36,21 @@ pub enum CheckpointError {
     Download(String),
 }
 
+/// The first 2 KiB of what tar said (after it ended).
+async fn tar_stderr(err: &mut Option<tokio::process::ChildStderr>) -> String {
+    use tokio::io::AsyncReadExt;
+    let Some(e) = err.as_mut() else {
+        return String::new();
+    };
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        e.take(2048).read_to_end(&mut buf),
+    )
+    .await;
+    String::from_utf8_lossy(&buf).trim().to_owned()
+}
+
 fn tar(identity: Option<JobIdentity>) -> Command {
     let mut c = Command::new("tar");
     if let Some(id) = identity {
@@ -59,14 +74,16 @@ pub async fn save(
 ) -> Result<String, CheckpointError> {
     let archive_key = store.layout.checkpoint_archive(job);
     let mut cmd = tar(identity);
-    cmd.arg("-czf")
-        .arg("-")
-        .arg("-C")
-        .arg(&ws.root)
+    // current_dir, not `-C`: tar opens a `-C` directory for reading, and the workspace
+    // root is only passable (0711) for the job's uid.
+    // gzip -1: a big workspace must be archived within the finalize's budget; the
+    // fastest level still shrinks text and transcripts several times.
+    cmd.current_dir(&ws.root)
+        .args(["-I", "gzip -1", "-cf", "-"])
         .args(["home", "work"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .map_err(|e| CheckpointError::Tar(e.to_string()))?;
@@ -85,16 +102,18 @@ pub async fn save(
         content_type: "application/gzip",
         kms_key: store.kms_key,
     };
+    let mut err = child.stderr.take();
     let uploaded = stream_object(&target, &mut out, deadline).await;
     drop(out);
     let status = tokio::time::timeout_at(deadline, child.wait()).await;
+    let why = tar_stderr(&mut err).await;
     if let Some(p) = pid {
         isolation::unregister_spawned(p);
     }
     let bytes = uploaded?;
     match status {
         Ok(Ok(s)) if s.success() => {}
-        Ok(Ok(s)) => return Err(CheckpointError::Tar(format!("tar ended with {s}"))),
+        Ok(Ok(s)) => return Err(CheckpointError::Tar(format!("tar ended with {s}: {why}"))),
         _ => return Err(CheckpointError::Tar("tar did not finish in time".into())),
     }
     let key = store.layout.checkpoint(job);
@@ -141,14 +160,13 @@ pub async fn restore(
         Err(e) => return Err(CheckpointError::Download(agentq_core::aws::display(&e))),
     };
     let mut cmd = tar(identity);
-    cmd.arg("-xzf")
+    cmd.current_dir(&ws.root)
+        .arg("-xzf")
         .arg("-")
-        .arg("-C")
-        .arg(&ws.root)
         .arg("--no-same-owner")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .map_err(|e| CheckpointError::Tar(e.to_string()))?;
@@ -161,9 +179,11 @@ pub async fn restore(
         .take()
         .ok_or_else(|| CheckpointError::Tar("no stdin".into()))?;
     let mut body = obj.body.into_async_read();
+    let mut err = child.stderr.take();
     let copied = tokio::time::timeout_at(deadline, tokio::io::copy(&mut body, &mut stdin)).await;
     drop(stdin);
     let status = tokio::time::timeout_at(deadline, child.wait()).await;
+    let why = tar_stderr(&mut err).await;
     if let Some(p) = pid {
         isolation::unregister_spawned(p);
     }
@@ -174,7 +194,7 @@ pub async fn restore(
     }
     match status {
         Ok(Ok(s)) if s.success() => Ok(true),
-        Ok(Ok(s)) => Err(CheckpointError::Tar(format!("tar ended with {s}"))),
+        Ok(Ok(s)) => Err(CheckpointError::Tar(format!("tar ended with {s}: {why}"))),
         _ => Err(CheckpointError::Tar("tar did not finish in time".into())),
     }
 }

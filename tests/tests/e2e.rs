@@ -40,6 +40,12 @@ async fn run(r: &Resources, bin: &str, args: &[&str], work: &std::path::Path) ->
 async fn a_timed_out_session_is_resumed_in_a_new_segment() {
     let r = resources().await;
     let work = tempfile::tempdir().unwrap();
+    // The jobs run under their own uids when the tests run as root: let them through.
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
     let job = JobId::parse(&agentq_testkit::unique("resume")).unwrap();
     let spec = serde_json::json!({
         "spec_version": 1, "job_id": job.as_str(), "agent": "claude-code",

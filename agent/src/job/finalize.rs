@@ -121,8 +121,13 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-/// Time kept for the steps after `step` (the manifest and a margin).
+/// Time kept after the checkpoint for the failure record, the log drain's end, artifacts
+/// and the manifest.
 const TAIL: Duration = Duration::from_millis(1500);
+
+/// What the finalize needs besides uploads (final write, failure record, manifest, and a
+/// margin): the supervisor keeps at least the grace period plus this before the deadline.
+pub(super) const FINAL_OVERHEAD: Duration = Duration::from_secs(4);
 
 /// An attempt that ended before its child started: the final write and the failure
 /// record only.
@@ -156,7 +161,9 @@ pub(super) async fn finalize(
     let mut timings = Timings::default();
 
     // The uploaders drain while the rest happens.
-    let drain_deadline = deadline.checked_sub(TAIL).unwrap_or_else(Instant::now);
+    let drain_deadline = deadline
+        .checked_sub(Duration::from_millis(1000))
+        .unwrap_or_else(Instant::now);
     let mut joins = Vec::new();
     for (stream, sink, handle) in sup.streams {
         if let Some(s) = sink {
@@ -207,7 +214,7 @@ pub(super) async fn finalize(
                 layout,
                 kms_key: deps.config.checkpoint_kms_key.as_deref(),
             };
-            let until = deadline.checked_sub(TAIL * 2).unwrap_or_else(Instant::now);
+            let until = deadline.checked_sub(TAIL).unwrap_or_else(Instant::now);
             match checkpoint::save(
                 store,
                 job,
@@ -264,7 +271,9 @@ pub(super) async fn finalize(
         input,
         &prepared,
         &bucket,
-        deadline.checked_sub(TAIL).unwrap_or_else(Instant::now),
+        deadline
+            .checked_sub(Duration::from_millis(700))
+            .unwrap_or_else(Instant::now),
     )
     .await;
     timings.artifacts_ms = ms(t.elapsed());

@@ -191,7 +191,9 @@ pub(super) async fn supervise(
     let deadline_now = || {
         let pending: u64 = probes.iter().map(BacklogProbe::pending).sum::<u64>()
             + live.checkpoint_bytes.load(Ordering::Relaxed);
-        let upload = Duration::from_secs_f64(pending as f64 / cfg.upload_bytes_per_second);
+        // A quarter more than the assumed throughput: archiving competes for the CPU.
+        let upload =
+            Duration::from_secs_f64(1.25 * pending as f64 / cfg.upload_bytes_per_second);
         let reserve = cfg.reserve.max(cfg.grace + Duration::from_secs(2) + upload);
         job_deadline.min(
             input
