@@ -58,7 +58,10 @@ async fn a_segment_ending_with_a_300_mb_workspace_is_recorded_before_its_deadlin
     // The time kept back grew with the workspace (6 s configured).
     let kept = manifest["invocation_deadline_at"].as_i64().unwrap()
         - manifest["child_deadline_at"].as_i64().unwrap();
-    assert!(kept >= 10_000, "only {kept} ms kept for a 300 MB checkpoint");
+    assert!(
+        kept >= 10_000,
+        "only {kept} ms kept for a 300 MB checkpoint"
+    );
     // The checkpoint itself is best effort inside the same budget (its size is only
     // known as the job runs); the record and the manifest are not.
     eprintln!(
