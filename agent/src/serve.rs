@@ -367,22 +367,24 @@ struct JobRef {
 #[derive(Debug)]
 struct BadPayload {
     field: String,
-    why: String,
+    /// The whole message (it names the field).
+    message: String,
     violations: Vec<SpecViolation>,
 }
 
 impl BadPayload {
-    fn new(field: impl Into<String>, why: impl Into<String>) -> Self {
+    fn new(field: impl Into<String>, why: impl std::fmt::Display) -> Self {
+        let field = field.into();
         Self {
-            field: field.into(),
-            why: why.into(),
+            message: format!("{field}: {why}"),
+            field,
             violations: Vec::new(),
         }
     }
 
     fn response(&self) -> Response {
         let mut body = json!({
-            "error": format!("{}: {}", self.field, self.why),
+            "error": self.message,
             "field": self.field,
         });
         if !self.violations.is_empty() {
@@ -440,7 +442,7 @@ fn parse_payload(
             field: violations
                 .first()
                 .map_or_else(|| "body".to_owned(), |v| v.field.clone()),
-            why: e.to_string(),
+            message: e.to_string(),
             violations,
         }
     })?;
