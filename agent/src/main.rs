@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentq_agent::poll::{self, PollOptions};
+use agentq_agent::serve::{self, ServeArgs, ServeOptions};
 use agentq_agent::{AgentArgs, AgentConfig, Deps, Invocation, handle_batch};
 use agentq_core::{AwsClients, Settings, SettingsArgs};
 use anyhow::Context;
@@ -53,6 +54,9 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Serve the Amazon Bedrock AgentCore Runtime HTTP contract: POST /invocations (an SQS
+    /// event or a job spec), GET /ping.
+    Serve(Box<ServeArgs>),
     /// Run one job spec file with a simulated deadline (local debugging).
     Run {
         /// The job spec (JSON), or - for stdin.
@@ -127,7 +131,7 @@ async fn real_main() -> anyhow::Result<std::process::ExitCode> {
     let command = match cli.command {
         Some(c) => c,
         None if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => Command::Lambda,
-        None => anyhow::bail!("no command: use `lambda`, `poll` or `run` (see --help)"),
+        None => anyhow::bail!("no command: use `lambda`, `poll`, `serve` or `run` (see --help)"),
     };
     match command {
         Command::Lambda => {
@@ -159,6 +163,13 @@ async fn real_main() -> anyhow::Result<std::process::ExitCode> {
                 "received {} deleted {} left for retry {}",
                 stats.received, stats.deleted, stats.failed
             );
+        }
+        Command::Serve(args) => {
+            let opts = ServeOptions::from_args(&args, &deps.config)?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("listening on {}", args.listen))?;
+            serve::run(deps, listener, opts, shutdown_on_signals()).await?;
         }
         Command::Run {
             job,

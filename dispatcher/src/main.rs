@@ -35,6 +35,11 @@ struct PolicyArgs {
     /// A RUNNING lease whose heartbeat is older than this is a crash (overrides the file).
     #[arg(long, env = "AGENTQ_STALE_AFTER")]
     stale_after: Option<String>,
+    /// true: a segment that timed out and could resume resumes on the next tier (longer
+    /// invocations, e.g. Lambda Managed Instances) instead of its own; overrides the
+    /// file's causes.timed_out.escalate_resumable.
+    #[arg(long, env = "AGENTQ_ESCALATE_TIMEOUTS", action = clap::ArgAction::Set)]
+    escalate_timeouts: Option<bool>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +96,12 @@ async fn replanner(
     };
     if let Some(s) = &args.stale_after {
         raw.stale_after = Some(s.clone());
+    }
+    if let Some(on) = args.escalate_timeouts {
+        raw.causes
+            .entry("timed_out".into())
+            .or_default()
+            .escalate_resumable = Some(on);
     }
     let policy = Policy::build(&raw, &args.tier_queues, settings.queue_url()?)?;
     let clients = agentq_core::AwsClients::new(sdk);

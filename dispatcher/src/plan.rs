@@ -24,7 +24,7 @@
 //! | any retryable, past a budget (cost, total runtime, attempts, segments) | `DEAD`, action `dead` |
 //! | `crashed` for the `escalate_after_crashes`-th time on a tier with a bigger tier | `RETRY_SCHEDULED` on the next tier, action `escalate` |
 //! | `infra_transient`, `crashed`, never ran | `RETRY_SCHEDULED` (never ran: state kept), backoff + jitter, action `retry` |
-//! | `timed_out`, session known, `resume` ≠ never | `RESUMING`, segment + 1, action `resume` |
+//! | `timed_out`, session known, `resume` ≠ never | `RESUMING`, segment + 1, action `resume` (on the next tier when `causes.timed_out.escalate_resumable`) |
 //! | `timed_out` without a session | next tier if any (action `escalate`), else `DEAD` (action `fail`) |
 
 use std::time::Duration;
@@ -524,10 +524,23 @@ fn plan_failure(
                         ),
                     );
                 }
+                // `escalate_resumable`: the next segment runs on the escalation tier
+                // (longer invocations) instead of this one.
+                let moved = cp
+                    .escalate_resumable
+                    .then(|| policy.escalation(&tier, kind))
+                    .flatten();
+                let (queue, on) = match moved {
+                    Some(t) => (
+                        t.queue_url.clone(),
+                        format!(" on tier {} (escalated from tier {tier})", t.name),
+                    ),
+                    None => (here, String::new()),
+                };
                 let mut d = decision(
                     action::RESUME,
                     format!(
-                        "segment {} timed out after {} s of {} s in total; resuming session {session} as segment {}",
+                        "segment {} timed out after {} s of {} s in total; resuming session {session} as segment {}{on}",
                         rec.segment,
                         rec.runtime_ms / 1000,
                         limits.timeout_ms / 1000,
@@ -535,17 +548,17 @@ fn plan_failure(
                     ),
                 );
                 d.delay_seconds = Some(0);
-                d.queue = Some(here.clone());
+                d.queue = Some(queue.clone());
                 return plan(
                     JobState::Resuming,
                     d,
                     Replan {
                         resume_session: Some(session),
                         next_segment: true,
-                        tier: None,
+                        tier: moved.map(|t| t.name.clone()),
                     },
                     Some(Enqueue {
-                        queue_url: here,
+                        queue_url: queue,
                         delay: Duration::ZERO,
                         plan_seq: next_seq,
                     }),
@@ -727,6 +740,44 @@ mod tests {
             step(&Input::Failure(&f), &r, &p),
             Step::Drop { .. }
         ));
+    }
+
+    #[test]
+    fn a_resumable_timeout_resumes_on_the_next_tier_only_when_configured() {
+        let mut r = rec(JobState::TimedOut, 1, SPEC);
+        r.segment = 1;
+        r.runtime_ms = 60_000;
+        let mut f = failure(FailureCause::TimedOut { resumable: true }, 1);
+        f.session_id = Some("s-1".into());
+        let tiers = [("large".to_owned(), "https://q/large".to_owned())];
+        let resume = |p: &Policy, r: &JobRecord| match step(&Input::Failure(&f), r, p) {
+            Step::Plan(pl) => {
+                assert_eq!(pl.decision.action, action::RESUME);
+                assert_eq!(pl.to, JobState::Resuming);
+                assert_eq!(pl.changes.resume_session.as_deref(), Some("s-1"));
+                assert!(pl.changes.next_segment);
+                (pl.changes.tier.clone(), pl.enqueue.unwrap().queue_url)
+            }
+            other => panic!("{other:?}"),
+        };
+        // Default: resume on the same tier, even with a bigger one configured.
+        let same = Policy::build(&Default::default(), &tiers, "https://q/jobs").unwrap();
+        assert_eq!(resume(&same, &r), (None, "https://q/jobs".to_owned()));
+        // escalate_resumable: the next segment goes to the large tier's queue.
+        let raw: crate::policy::RawPolicy =
+            toml::from_str("[causes.timed_out]\nescalate_resumable = true").unwrap();
+        let moved = Policy::build(&raw, &tiers, "https://q/jobs").unwrap();
+        assert_eq!(
+            resume(&moved, &r),
+            (Some("large".to_owned()), "https://q/large".to_owned())
+        );
+        // Already on the largest tier: resumes where it is.
+        r.tier = Some("large".into());
+        assert_eq!(resume(&moved, &r), (None, "https://q/large".to_owned()));
+        // No bigger tier configured at all: resumes in place.
+        r.tier = None;
+        let alone = Policy::build(&raw, &[], "https://q/jobs").unwrap();
+        assert_eq!(resume(&alone, &r), (None, "https://q/jobs".to_owned()));
     }
 
     #[test]

@@ -23,6 +23,8 @@
 //!
 //! [causes.timed_out]
 //! escalate_to = "large"        # default: the tier after the job's current one
+//! escalate_resumable = true    # a segment that could resume resumes on that tier instead
+//!                              # (longer invocations, e.g. Lambda Managed Instances)
 //! ```
 
 use std::collections::BTreeMap;
@@ -52,6 +54,9 @@ pub struct RawCausePolicy {
     pub max_attempts: Option<u32>,
     /// Tier to escalate to instead of the next one in order.
     pub escalate_to: Option<String>,
+    /// `timed_out` only: a segment that timed out with a session resumes on the
+    /// escalation tier instead of its own (default false).
+    pub escalate_resumable: Option<bool>,
 }
 
 /// A capacity tier as written.
@@ -113,6 +118,8 @@ pub struct CausePolicy {
     pub max_delay: Duration,
     pub max_attempts: Option<u32>,
     pub escalate_to: Option<String>,
+    /// A resumable timeout resumes on the escalation tier (`timed_out` only).
+    pub escalate_resumable: bool,
 }
 
 impl CausePolicy {
@@ -127,6 +134,7 @@ impl CausePolicy {
             max_delay: Duration::from_secs(max),
             max_attempts: None,
             escalate_to: None,
+            escalate_resumable: false,
         }
     }
 }
@@ -319,6 +327,13 @@ impl Policy {
                     ),
                 });
             }
+            if rc.escalate_resumable.is_some() && cause != "timed_out" {
+                return Err(PolicyError::Invalid {
+                    field: f("escalate_resumable"),
+                    why: "only applies to timed_out (a segment that could resume); remove it here"
+                        .into(),
+                });
+            }
             causes.insert(
                 cause,
                 CausePolicy {
@@ -326,6 +341,7 @@ impl Policy {
                     max_delay,
                     max_attempts: rc.max_attempts,
                     escalate_to: rc.escalate_to.clone(),
+                    escalate_resumable: rc.escalate_resumable.unwrap_or(false),
                 },
             );
         }
@@ -472,6 +488,10 @@ mod tests {
                 "tiers[0]",
             ),
             ("max_segments = 0", "max_segments"),
+            (
+                "[causes.crashed]\nescalate_resumable = true",
+                "causes.crashed.escalate_resumable",
+            ),
         ];
         for (text, field) in cases {
             let e = Policy::build(&raw(text), &[], "https://q/jobs").unwrap_err();
