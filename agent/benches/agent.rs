@@ -2,22 +2,31 @@
 //!
 //! 1. exec → first Runtime API `/next` (cold start of the `lambda` front end);
 //! 2. per-job overhead around a child that exits at once, next to the raw emulator
-//!    round trips such a job needs;
+//!    round trips such a job needs, and the AWS calls it makes (counted by an SDK
+//!    interceptor on every client, per operation);
 //! 3. log throughput and peak RSS for 100 MB of child output;
 //! 4. the agent binary's size.
 //!
 //! Run: `cargo bench -p agentq-agent --bench agent` (starts the emulator if needed).
 
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentq_agent::{AgentArgs, AgentConfig, Deps, Invocation, handle_batch};
+use agentq_core::AwsClients;
 use agentq_core::record::now_ms;
 use agentq_testkit::runtime_api::{RuntimeApi, lambda_env};
 use agentq_testkit::{Resources, fixture, resources};
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use aws_sdk_dynamodb::types::AttributeValue;
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +37,63 @@ struct Wrap {
 }
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agentq-agent");
+
+/// Counts HTTP requests (every attempt, retries included) per `Service.Operation`.
+#[derive(Debug, Clone, Default)]
+struct CallCounter(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl Intercept for CallCounter {
+    fn name(&self) -> &'static str {
+        "CallCounter"
+    }
+    fn read_before_transmit(
+        &self,
+        _ctx: &BeforeTransmitInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let op = cfg
+            .load::<Metadata>()
+            .map(|m| format!("{}.{}", m.service(), m.name()))
+            .unwrap_or_else(|| "?".into());
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry(op).or_default() += 1;
+        }
+        Ok(())
+    }
+}
+
+impl CallCounter {
+    fn take(&self) -> BTreeMap<String, u64> {
+        self.0
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default()
+    }
+}
+
+/// The agent's clients, each with the counter.
+fn counted_clients(sdk: &aws_config::SdkConfig, c: &CallCounter) -> AwsClients {
+    let s3 = agentq_core::config::s3_client(sdk);
+    AwsClients {
+        sqs: aws_sdk_sqs::Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(sdk)
+                .interceptor(c.clone())
+                .build(),
+        ),
+        dynamodb: aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(sdk)
+                .interceptor(c.clone())
+                .build(),
+        ),
+        s3: aws_sdk_s3::Client::from_conf(s3.config().to_builder().interceptor(c.clone()).build()),
+        ssm: aws_sdk_ssm::Client::from_conf(
+            aws_sdk_ssm::config::Builder::from(sdk)
+                .interceptor(c.clone())
+                .build(),
+        ),
+    }
+}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -62,10 +128,14 @@ async fn cold_start(r: &Resources) -> Duration {
     median(samples)
 }
 
-async fn per_job(r: &Resources, work: &std::path::Path) -> (Duration, Duration) {
+async fn per_job(
+    r: &Resources,
+    work: &std::path::Path,
+) -> (Duration, Duration, BTreeMap<String, u64>, u32) {
     let root = work.display().to_string();
     let cfg = AgentConfig::from_args(&Wrap::parse_from(["b", "--work-root", &root]).a).unwrap();
-    let deps = Arc::new(Deps::new(r.clients(), r.settings(), cfg).unwrap());
+    let counter = CallCounter::default();
+    let deps = Arc::new(Deps::new(counted_clients(&r.sdk, &counter), r.settings(), cfg).unwrap());
     let n = 20;
     let t = Instant::now();
     for i in 0..n {
@@ -84,6 +154,7 @@ async fn per_job(r: &Resources, work: &std::path::Path) -> (Duration, Duration) 
         assert!(resp.batch_item_failures.is_empty());
     }
     let job = t.elapsed() / n;
+    let calls = counter.take();
 
     // The emulator round trips one such job needs: claim (GetItem + PutItem), finish
     // (UpdateItem), result.json (PutObject).
@@ -125,7 +196,7 @@ async fn per_job(r: &Resources, work: &std::path::Path) -> (Duration, Duration) 
             .await
             .unwrap();
     }
-    (job, t.elapsed() / n)
+    (job, t.elapsed() / n, calls, n)
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -187,8 +258,18 @@ async fn main() {
     println!("agentq-agent benchmarks (emulator at {})", r.endpoint);
     let cold = cold_start(&r).await;
     println!("exec -> first /next (median of 10):     {}", ms(cold));
-    let (job, raw) = per_job(&r, work.path()).await;
+    let (job, raw, calls, n) = per_job(&r, work.path()).await;
     println!("per job, child `true` (mean of 20):      {}", ms(job));
+    let total: u64 = calls.values().sum();
+    println!(
+        "  AWS calls per job: {:.1} ({})",
+        total as f64 / f64::from(n),
+        calls
+            .iter()
+            .map(|(op, c)| format!("{op} {:.1}", *c as f64 / f64::from(n)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "  raw round trips it needs (Get, Put, Update, PutObject): {}",
         ms(raw)
