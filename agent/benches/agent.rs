@@ -1,9 +1,10 @@
 //! Agent benchmarks (a bench binary, not timed tests), against the local emulator:
 //!
 //! 1. exec → first Runtime API `/next` (cold start of the `lambda` front end);
-//! 2. per-job overhead around a child that exits at once, next to the raw emulator
-//!    round trips such a job needs, and the AWS calls it makes (counted by an SDK
-//!    interceptor on every client, per operation);
+//! 2. per-job overhead around a child that exits at once — submitted (the producer's
+//!    `QUEUED` record first) and published raw — with the AWS calls it makes (counted by
+//!    an SDK interceptor on every client, per operation) and the same round trips made
+//!    raw against the emulator next to it;
 //! 3. log throughput and peak RSS for 100 MB of child output;
 //! 4. the agent binary's size.
 //!
@@ -128,22 +129,46 @@ async fn cold_start(r: &Resources) -> Duration {
     median(samples)
 }
 
-async fn per_job(
-    r: &Resources,
-    work: &std::path::Path,
-) -> (Duration, Duration, BTreeMap<String, u64>, u32) {
+/// What one kind of job cost: mean wall time, the AWS calls it made, and the same
+/// round trips made raw against the emulator (its floor).
+struct JobCost {
+    job: Duration,
+    raw: Duration,
+    calls: BTreeMap<String, u64>,
+    n: u32,
+}
+
+/// Trivial jobs (child `true`) through the handler. `submitted`: the producer wrote the
+/// `QUEUED` record first (as `agentq submit` does; not counted); otherwise the spec is
+/// published raw and the claim creates the record.
+async fn per_job(r: &Resources, work: &std::path::Path, submitted: bool) -> JobCost {
     let root = work.display().to_string();
     let cfg = AgentConfig::from_args(&Wrap::parse_from(["b", "--work-root", &root]).a).unwrap();
     let counter = CallCounter::default();
     let deps = Arc::new(Deps::new(counted_clients(&r.sdk, &counter), r.settings(), cfg).unwrap());
+    let store = agentq_core::JobStore::new(r.clients().dynamodb, &r.table);
     let n = 20;
+    let kind = if submitted { "sub" } else { "raw" };
+    let body = |i: u32| {
+        format!(
+            r#"{{"spec_version":1,"job_id":"bench-{kind}-{i}","agent":"command","command":["true"]}}"#
+        )
+    };
+    if submitted {
+        for i in 0..n {
+            let spec = agentq_core::JobSpec::parse_valid(
+                body(i).as_bytes(),
+                &agentq_core::spec::ValidationContext::default(),
+            )
+            .unwrap();
+            store.create_queued(&spec, now_ms()).await.unwrap();
+        }
+    }
     let t = Instant::now();
     for i in 0..n {
         let mut m = SqsMessage::default();
         m.message_id = Some(format!("m{i}"));
-        m.body = Some(format!(
-            r#"{{"spec_version":1,"job_id":"bench-{i}","agent":"command","command":["true"]}}"#
-        ));
+        m.body = Some(body(i));
         let mut e = SqsEvent::default();
         e.records.push(m);
         let inv = Invocation {
@@ -156,47 +181,82 @@ async fn per_job(
     let job = t.elapsed() / n;
     let calls = counter.take();
 
-    // The emulator round trips one such job needs: claim (GetItem + PutItem), finish
-    // (UpdateItem), result.json (PutObject).
+    // The same round trips, raw: as many single-item calls of each kind as the jobs made.
     let ddb = r.clients().dynamodb;
     let s3 = r.clients().s3;
     let t = Instant::now();
-    for i in 0..n {
-        let key = AttributeValue::S(format!("raw-{i}"));
-        ddb.get_item()
-            .table_name(&r.table)
-            .key("job_id", key.clone())
-            .consistent_read(true)
-            .send()
-            .await
-            .unwrap();
-        ddb.put_item()
-            .table_name(&r.table)
-            .item("job_id", key.clone())
-            .item("status", AttributeValue::S("RUNNING".into()))
-            .item("updated_at", AttributeValue::N(now_ms().to_string()))
-            .send()
-            .await
-            .unwrap();
-
-        ddb.update_item()
-            .table_name(&r.table)
-            .key("job_id", key)
-            .update_expression("SET #s = :s")
-            .expression_attribute_names("#s", "status")
-            .expression_attribute_values(":s", AttributeValue::S("SUCCEEDED".into()))
-            .send()
-            .await
-            .unwrap();
-        s3.put_object()
-            .bucket(&r.bucket)
-            .key(format!("raw/{i}.json"))
-            .body(b"{}".to_vec().into())
-            .send()
-            .await
-            .unwrap();
+    for (op, count) in &calls {
+        for i in 0..*count {
+            let key = AttributeValue::S(format!("raw-{kind}-{i}"));
+            match op.as_str() {
+                "DynamoDB.GetItem" => {
+                    ddb.get_item()
+                        .table_name(&r.table)
+                        .key("job_id", key)
+                        .consistent_read(true)
+                        .send()
+                        .await
+                        .unwrap();
+                }
+                "DynamoDB.PutItem" => {
+                    ddb.put_item()
+                        .table_name(&r.table)
+                        .item("job_id", key)
+                        .item("status", AttributeValue::S("RUNNING".into()))
+                        .item("updated_at", AttributeValue::N(now_ms().to_string()))
+                        .send()
+                        .await
+                        .unwrap();
+                }
+                "DynamoDB.UpdateItem" => {
+                    ddb.update_item()
+                        .table_name(&r.table)
+                        .key("job_id", key)
+                        .update_expression("SET #s = :s")
+                        .expression_attribute_names("#s", "status")
+                        .expression_attribute_values(":s", AttributeValue::S("SUCCEEDED".into()))
+                        .send()
+                        .await
+                        .unwrap();
+                }
+                "S3.PutObject" => {
+                    s3.put_object()
+                        .bucket(&r.bucket)
+                        .key(format!("raw/{kind}-{i}.json"))
+                        .body(b"{}".to_vec().into())
+                        .send()
+                        .await
+                        .unwrap();
+                }
+                other => panic!("no raw stand-in for {other}"),
+            }
+        }
     }
-    (job, t.elapsed() / n, calls, n)
+    JobCost {
+        job,
+        raw: t.elapsed() / n,
+        calls,
+        n,
+    }
+}
+
+fn report(what: &str, c: &JobCost) {
+    println!("per job, {what} (mean of {}): {}", c.n, ms(c.job));
+    let total: u64 = c.calls.values().sum();
+    println!(
+        "  AWS calls per job: {:.1} ({})",
+        total as f64 / f64::from(c.n),
+        c.calls
+            .iter()
+            .map(|(op, k)| format!("{op} {:.1}", *k as f64 / f64::from(c.n)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("  the same round trips, raw:             {}", ms(c.raw));
+    println!(
+        "  agent overhead beyond them:            {}",
+        ms(c.job.saturating_sub(c.raw))
+    );
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -258,25 +318,13 @@ async fn main() {
     println!("agentq-agent benchmarks (emulator at {})", r.endpoint);
     let cold = cold_start(&r).await;
     println!("exec -> first /next (median of 10):     {}", ms(cold));
-    let (job, raw, calls, n) = per_job(&r, work.path()).await;
-    println!("per job, child `true` (mean of 20):      {}", ms(job));
-    let total: u64 = calls.values().sum();
-    println!(
-        "  AWS calls per job: {:.1} ({})",
-        total as f64 / f64::from(n),
-        calls
-            .iter()
-            .map(|(op, c)| format!("{op} {:.1}", *c as f64 / f64::from(n)))
-            .collect::<Vec<_>>()
-            .join(", ")
+    report(
+        "child `true`, submitted (QUEUED record)",
+        &per_job(&r, work.path(), true).await,
     );
-    println!(
-        "  raw round trips it needs (Get, Put, Update, PutObject): {}",
-        ms(raw)
-    );
-    println!(
-        "  agent overhead beyond them:            {}",
-        ms(job.saturating_sub(raw))
+    report(
+        "child `true`, published raw (no record)",
+        &per_job(&r, work.path(), false).await,
     );
     let (took, bytes, peak) = flood(&r, work.path()).await;
     println!(

@@ -114,8 +114,12 @@ async fn sigkill_between_receive_and_claim_gives_the_message_back_within_the_hor
     ];
     let t = Instant::now();
     let waiting = loop {
-        let a = store.get(&ids[0]).await.unwrap();
-        let b = store.get(&ids[1]).await.unwrap();
+        // The emulator applies the claim's create-or-update in steps, so a read in
+        // between can see the key alone (DynamoDB applies it atomically): not yet.
+        let (Ok(a), Ok(b)) = (store.get(&ids[0]).await, store.get(&ids[1]).await) else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let running = |r: &Option<agentq_core::JobRecord>| {
             r.as_ref()
                 .is_some_and(|r| r.status == JobState::Running && r.progress.events > 0)

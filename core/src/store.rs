@@ -4,12 +4,12 @@
 //!
 //! Writes do not read first. Each conditional write asks DynamoDB to return the item as
 //! it was when the condition failed (`ReturnValuesOnConditionCheckFailure=ALL_OLD`), so
-//! a refused write says why ([`StoreError::Conflict::current`]) and the next try is
-//! decided from that, without a GetItem. A claim is one UpdateItem for a job that never
-//! ran (new, or `QUEUED` by the producer); only a re-run (attempt ≥ 1) or a lost race
-//! costs a second write. A write that was applied but whose answer was lost (the SDK
-//! retries it, and the retry's condition fails) is recognised from the returned item and
-//! reported as the success it was.
+//! a refused write says why (the `current` record of [`StoreError::Conflict`]) and the
+//! next try is decided from that, without a GetItem. A claim is one UpdateItem for a
+//! job the producer recorded `QUEUED`; a re-run (attempt ≥ 1), a raw spec without a
+//! record (then a PutItem creates it) or a lost race costs a second write. A write that
+//! was applied but whose answer was lost (the SDK retries it, and the retry's condition
+//! fails) is recognised from the returned item and reported as the success it was.
 
 use std::collections::HashMap;
 
@@ -261,13 +261,6 @@ impl Expr {
         ));
         self
     }
-    /// `SET attr = if_not_exists(attr, v)`: only where the item has no value yet.
-    fn set_if_absent(&mut self, attr: &str, v: AttributeValue) -> &mut Self {
-        let n = self.name(attr);
-        let v = self.val(v);
-        self.sets.push(format!("{n} = if_not_exists({n}, {v})"));
-        self
-    }
     /// The boolean `attr` is not `true` (a missing attribute counts as not true).
     fn cond_not_true(&mut self, attr: &str) -> &mut Self {
         let n = self.name(attr);
@@ -460,6 +453,35 @@ impl JobStore {
     }
 
     async fn put_new(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        match self.put_if_absent(rec).await? {
+            None => Ok(()),
+            Some(old) => {
+                // Our own write, retried by the SDK after its answer was lost: the item
+                // is exactly what we wrote and nothing has touched it since.
+                let ours = old.is_some_and(|o| {
+                    o.status == rec.status
+                        && o.created_at == rec.created_at
+                        && o.updated_at == rec.updated_at
+                        && o.spec == rec.spec
+                        && o.attempt == rec.attempt
+                });
+                if ours {
+                    Ok(())
+                } else {
+                    Err(StoreError::AlreadyExists {
+                        job_id: rec.job_id.clone(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Writes `rec` unless its job has a record: `None` when written, else the record
+    /// that was there (when DynamoDB returned it).
+    async fn put_if_absent(
+        &self,
+        rec: &JobRecord,
+    ) -> Result<Option<Option<JobRecord>>, StoreError> {
         let item = serde_dynamo::to_item(rec).map_err(|source| StoreError::Corrupt {
             job_id: rec.job_id.to_string(),
             table: self.table.clone(),
@@ -476,27 +498,14 @@ impl JobStore {
             .send()
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(None),
             Err(e) => match refused(&e) {
                 Some(old) => {
-                    // Our own write, retried by the SDK after its answer was lost: the
-                    // item is exactly what we wrote and nothing has touched it since.
-                    let ours = old
+                    let old = old
                         .filter(|i| !i.is_empty())
-                        .and_then(|i| self.parse(rec.job_id.as_str(), i).ok())
-                        .is_some_and(|o| {
-                            o.status == rec.status
-                                && o.created_at == rec.created_at
-                                && o.updated_at == rec.updated_at
-                                && o.spec == rec.spec
-                                && o.attempt == rec.attempt
-                        });
-                    if ours {
-                        return Ok(());
-                    }
-                    Err(StoreError::AlreadyExists {
-                        job_id: rec.job_id.clone(),
-                    })
+                        .map(|i| self.parse(rec.job_id.as_str(), i))
+                        .transpose()?;
+                    Ok(Some(old))
                 }
                 None => Err(self.aws_err(rec.job_id.as_str(), "PutItem", e)),
             },
@@ -576,23 +585,30 @@ impl JobStore {
     /// Takes the lease for a run, creating the record when an upstream system published
     /// the job straight to the queue.
     ///
-    /// The first write assumes the job never ran (no record, or attempt 0): one
-    /// UpdateItem creates or claims it. When that is refused, the refusal carries the
-    /// record, and the next write is decided from it (finished, live lease, stale lease
-    /// to take over, cancelled before it started, or a re-run at attempt n + 1). Lost
-    /// races are retried from what each refusal returned (bounded).
+    /// The first write assumes a job the producer recorded and that never ran: one
+    /// UpdateItem claims it. When that is refused, the refusal carries the record, and
+    /// the next write is decided from it (finished, live lease, stale lease to take
+    /// over, cancelled before it started, or a re-run at attempt n + 1); without a
+    /// record (a raw spec) the next write creates it. Lost races are retried from what
+    /// each refusal returned (bounded).
     pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         let mut seen: Option<JobRecord> = None;
+        let mut queued_first = true;
         for _ in 0..5 {
             let result = match &seen {
-                None => self
-                    .claim_fresh(req)
-                    .await
-                    .map(|record| ClaimOutcome::Claimed {
+                None => {
+                    // First as the producer's QUEUED record; without a record, create it.
+                    let first = if std::mem::take(&mut queued_first) {
+                        self.claim_queued(req).await
+                    } else {
+                        self.claim_new(req).await
+                    };
+                    first.map(|record| ClaimOutcome::Claimed {
                         attempt: Attempt(1),
                         record: Box::new(record),
                         takeover: None,
-                    }),
+                    })
+                }
                 Some(rec) => match Self::claim_step(rec, req) {
                     ClaimStep::Done(outcome) => return Ok(outcome),
                     ClaimStep::Cancel(reason) => match self.cancel_idle(rec, reason, req.now).await
@@ -689,32 +705,22 @@ impl JobStore {
             .set(attr::PROGRESS, to_av(&Progress::default()));
     }
 
-    /// Attempt 1 of a job that never ran: creates the record (raw spec) or claims the
-    /// one the producer wrote, in one write.
-    async fn claim_fresh(&self, req: &ClaimRequest<'_>) -> Result<JobRecord, StoreError> {
+    /// Attempt 1 of a job the producer recorded `QUEUED` and that never ran, in one
+    /// write. Refused without a record when there is none (a raw spec).
+    async fn claim_queued(&self, req: &ClaimRequest<'_>) -> Result<JobRecord, StoreError> {
         let first = Attempt(1);
         let mut e = Expr::default();
         let id = e.name(attr::JOB_ID);
-        let status = e.name(attr::STATUS);
-        let attempt = e.name(attr::ATTEMPT);
-        let cancel = e.name(attr::CANCEL_REQUESTED);
-        let claimable: Vec<String> = [
+        e.conds.push(format!("attribute_exists({id})"));
+        e.cond_state_in(&[
             JobState::Queued,
             JobState::RetryScheduled,
             JobState::Resuming,
-        ]
-        .iter()
-        .map(|s| e.val(s_attr(s.as_str())))
-        .collect();
-        let zero = e.val(n_attr(0));
-        let yes = e.val(AttributeValue::Bool(true));
-        e.conds.push(format!(
-            "(attribute_not_exists({id}) OR ({status} IN ({}) AND {attempt} = {zero} AND NOT ({cancel} = {yes})))",
-            claimable.join(", ")
-        ));
+        ])
+        .cond_eq(attr::ATTEMPT, n_attr(0))
+        .cond_not_true(attr::CANCEL_REQUESTED);
         Self::lease(&mut e, req, first);
-        // At attempt 0 the attempts map is empty (only claims add to it), so it can be
-        // set whole; that also creates it for a new record.
+        // At attempt 0 the attempts map is empty (only claims add to it): set it whole.
         e.set(
             attr::ATTEMPTS,
             AttributeValue::M(HashMap::from([(
@@ -722,25 +728,48 @@ impl JobStore {
                 to_av(&Self::attempt_record(req, first, 1)),
             )])),
         )
-        .set_if_absent(attr::CREATED_AT, n_attr(req.now))
-        .set_if_absent(attr::SPEC, s_attr(req.spec_json))
-        .set_if_absent(attr::SEGMENT, n_attr(1))
-        .set_if_absent(attr::CANCEL_REQUESTED, AttributeValue::Bool(false))
         .set(attr::EXPIRES_AT, self.expires_at(req.now));
-        if !req.labels.is_empty() {
-            e.set_if_absent(attr::LABELS, to_av(req.labels));
-        }
-        if let Some(t) = req.tier {
-            e.set_if_absent(attr::TIER, s_attr(t));
-        }
         self.update(
             req.job_id,
             "UpdateItem(claim)",
             e,
             |c| Self::claimed_by(c, req, first),
-            |_| "the job ran before or is not claimable".into(),
+            |c| match c {
+                Some(c) => format!("the job is {} at attempt {}", c.status, c.attempt),
+                None => "no record yet".into(),
+            },
         )
         .await
+    }
+
+    /// Attempt 1 of a job published raw: creates its record, `RUNNING`. Refused with the
+    /// record when one appeared meanwhile.
+    ///
+    /// A PutItem and not a create-or-update UpdateItem: both are atomic on DynamoDB,
+    /// but the emulator applies an UpdateItem on a missing item in steps (so two
+    /// concurrent claims of the same raw job could both pass there), a PutItem at once.
+    async fn claim_new(&self, req: &ClaimRequest<'_>) -> Result<JobRecord, StoreError> {
+        let first = Attempt(1);
+        let mut rec = JobRecord::new(req.job_id.clone(), JobState::Running, req.now);
+        rec.spec = Some(req.spec_json.to_owned());
+        rec.tier = req.tier.map(str::to_owned);
+        rec.labels = req.labels.clone();
+        rec.attempt = first;
+        rec.started_at = Some(req.now);
+        rec.lease_owner = Some(req.owner.to_owned());
+        rec.heartbeat_at = Some(req.now);
+        rec.expires_at = Some(req.now / 1000 + self.retention_days * 86_400);
+        rec.attempts
+            .insert(first.to_string(), Self::attempt_record(req, first, 1));
+        match self.put_if_absent(&rec).await? {
+            None => Ok(rec),
+            Some(Some(old)) if Self::claimed_by(&old, req, first) => Ok(old),
+            Some(current) => Err(StoreError::Conflict {
+                job_id: req.job_id.clone(),
+                what: "the job was recorded meanwhile".into(),
+                current: current.map(Box::new),
+            }),
+        }
     }
 
     /// Attempt `next` of a job whose record is `rec`, conditional on it being unchanged.

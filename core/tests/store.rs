@@ -117,12 +117,13 @@ fn finish(state: JobState, cause: Option<FailureCause>, runtime_ms: u64) -> Fini
 }
 
 #[tokio::test]
-async fn a_job_that_never_ran_is_claimed_with_one_write() {
+async fn a_submitted_job_is_claimed_with_one_write_and_never_with_a_read() {
     let r = resources().await;
     let (store, calls) = counted_store(&r);
     let t0 = now_ms();
 
-    // Published raw (no record): the claim creates it.
+    // Published raw (no record): the claim's first write is refused without a record,
+    // the second creates it.
     let raw = Claim::new(&unique("raw"));
     let ClaimOutcome::Claimed {
         attempt, record, ..
@@ -130,7 +131,7 @@ async fn a_job_that_never_ran_is_claimed_with_one_write() {
     else {
         panic!("claim")
     };
-    assert_eq!(calls.take(), ops(&[("UpdateItem", 1)]));
+    assert_eq!(calls.take(), ops(&[("PutItem", 1), ("UpdateItem", 1)]));
     assert_eq!(attempt, Attempt(1));
     assert_eq!(record.status, JobState::Running);
     assert_eq!(record.created_at, t0);

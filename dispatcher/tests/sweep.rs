@@ -356,3 +356,56 @@ async fn a_rate_limited_session_resumes_after_the_reset_and_a_failed_resume_star
     assert_eq!(actions(&rec), vec![Action::Retry, Action::Enqueued]);
     assert_eq!(e.enqueued().await, vec![fresh.job_id.to_string()]);
 }
+
+/// The template's schedule invokes the dispatcher with an event its Lambda front end
+/// recognises as the sweep, and lets EventBridge invoke it. (The emulator's
+/// CloudFormation cannot create the functions, so this reads the template, with
+/// cfn-lint's YAML loader as the infra test does.)
+#[test]
+fn the_template_schedules_the_sweep_on_the_dispatcher() {
+    let script = r#"
+import json, sys
+from cfnlint.decode.cfn_yaml import load
+t = load(sys.argv[1])
+print(json.dumps({k: v for k, v in t["Resources"].items()
+                  if v["Type"] in ("AWS::Events::Rule", "AWS::Lambda::Permission")}))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(agentq_testkit::repo_root().join("infra/template.yaml"))
+        .output()
+        .expect("python3 with cfn-lint");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let rule = &res["SweepSchedule"];
+    assert_eq!(rule["Condition"], "HasFunctions");
+    let p = &rule["Properties"];
+    assert_eq!(p["State"], "ENABLED");
+    assert!(
+        p["ScheduleExpression"]["Fn::Sub"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("rate(")),
+        "{p}"
+    );
+    let target = &p["Targets"][0];
+    assert_eq!(
+        target["Arn"]["Fn::GetAtt"],
+        serde_json::json!(["DispatcherFunction", "Arn"])
+    );
+    let input: serde_json::Value =
+        serde_json::from_str(target["Input"].as_str().expect("input")).expect("input json");
+    assert_eq!(
+        agentq_dispatcher::lambda::trigger(input).expect("recognised"),
+        agentq_dispatcher::lambda::Trigger::Sweep
+    );
+    let perm = &res["SweepPermission"]["Properties"];
+    assert_eq!(perm["Principal"], "events.amazonaws.com");
+    assert_eq!(
+        perm["SourceArn"]["Fn::GetAtt"],
+        serde_json::json!(["SweepSchedule", "Arn"])
+    );
+}
