@@ -8,7 +8,8 @@
 //!
 //! | | attempt timeout | operation timeout (all attempts) |
 //! |---|---|---|
-//! | DynamoDB, SSM | 5 s | 20 s |
+//! | DynamoDB, SSM | 10 s | 30 s |
+//! | DynamoDB Query (a page of up to 1 MB) | 30 s | 60 s |
 //! | SQS | 25 s (a long poll waits up to 20 s) | 60 s |
 //! | S3 | 60 s (the answer comes after the whole body) | 180 s |
 //! | anything else (Lambda, ECR, STS) | 30 s | 90 s |
@@ -47,11 +48,16 @@ pub struct ServiceTimeouts {
 }
 
 impl ServiceTimeouts {
-    /// DynamoDB and SSM answer in milliseconds; a hung connection must not eat a
-    /// job's finalize reserve.
+    /// DynamoDB and SSM answer single-item calls in milliseconds; a hung connection
+    /// is given up after 10 s (emulators on a busy machine need a few seconds).
     pub const FAST: Self = Self {
-        attempt: Duration::from_secs(5),
-        operation: Duration::from_secs(20),
+        attempt: Duration::from_secs(10),
+        operation: Duration::from_secs(30),
+    };
+    /// A DynamoDB Query returns a page of up to 1 MB.
+    pub const QUERY: Self = Self {
+        attempt: Duration::from_secs(30),
+        operation: Duration::from_secs(60),
     };
     /// SQS: a long poll (`WaitTimeSeconds` ≤ 20) answers after up to 20 s.
     pub const SQS: Self = Self {

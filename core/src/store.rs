@@ -314,6 +314,12 @@ fn to_av<T: serde::Serialize>(v: &T) -> AttributeValue {
     serde_dynamo::to_attribute_value(v).unwrap_or(AttributeValue::Null(true))
 }
 
+/// A Query reads a page of up to 1 MB: it gets longer timeouts than item calls.
+fn query_timeouts() -> aws_sdk_dynamodb::config::Builder {
+    aws_sdk_dynamodb::config::Builder::default()
+        .timeout_config(crate::config::ServiceTimeouts::QUERY.config())
+}
+
 /// `s` cut to `max` characters (marked with `…`).
 fn cap(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
@@ -1235,6 +1241,8 @@ impl JobStore {
                 .scan_index_forward(true)
                 .limit((limit - out.len()).min(100) as i32)
                 .set_exclusive_start_key(cursor)
+                .customize()
+                .config_override(query_timeouts())
                 .send()
                 .await
                 .map_err(|e| self.aws_err("-", "Query", e))?;
@@ -1267,6 +1275,8 @@ impl JobStore {
             .scan_index_forward(false)
             .limit(limit.max(1))
             .set_exclusive_start_key(cursor)
+            .customize()
+            .config_override(query_timeouts())
             .send()
             .await
             .map_err(|e| self.aws_err("-", "Query", e))?;
