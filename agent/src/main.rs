@@ -126,7 +126,7 @@ async fn real_main() -> anyhow::Result<std::process::ExitCode> {
     }
     let settings = Settings::from_args(&cli.settings)?;
     let config = AgentConfig::from_args(&cli.agent)?;
-    let sdk = agentq_core::load_sdk_config().await;
+    let sdk = agentq_core::load_sdk_config().await?;
     let deps = Arc::new(Deps::new(AwsClients::new(&sdk), settings, config)?);
     let command = match cli.command {
         Some(c) => c,

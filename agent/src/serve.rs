@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use agentq_core::JobId;
 use agentq_core::layout::msg_attr;
 use agentq_core::payload::PayloadPointer;
 use agentq_core::spec::{JobSpec, SpecViolation, ValidationContext};
-use agentq_core::JobId;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use axum::Router;
 use axum::body::Body;
@@ -93,7 +93,11 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTQ_MAX_REQUEST_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_request_bytes: usize,
     /// Time allowed to receive a request's headers, and then its body.
-    #[arg(long, env = "AGENTQ_REQUEST_READ_TIMEOUT_SECONDS", default_value_t = 30.0)]
+    #[arg(
+        long,
+        env = "AGENTQ_REQUEST_READ_TIMEOUT_SECONDS",
+        default_value_t = 30.0
+    )]
     pub request_read_timeout_seconds: f64,
     /// Open connections at once; more are closed at accept.
     #[arg(long, env = "AGENTQ_MAX_CONNECTIONS", default_value_t = 64)]
@@ -413,8 +417,8 @@ fn parse_payload(
     bytes: &[u8],
     ctx: &ValidationContext,
 ) -> Result<(SqsEvent, Vec<JobRef>), BadPayload> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| BadPayload::new("body", "is not UTF-8 JSON"))?;
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| BadPayload::new("body", "is not UTF-8 JSON"))?;
     let value: Value = serde_json::from_str(text).map_err(|e| {
         BadPayload::new(
             "body",
@@ -521,7 +525,9 @@ async fn read_body(s: &Server, headers: &HeaderMap, body: Body) -> Result<Vec<u8
     let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the request body is larger than {max} bytes (AGENTQ_MAX_REQUEST_BYTES); offload big specs to S3 with a payload pointer"),
+            format!(
+                "the request body is larger than {max} bytes (AGENTQ_MAX_REQUEST_BYTES); offload big specs to S3 with a payload pointer"
+            ),
         )
     };
     let declared = headers
@@ -668,7 +674,11 @@ async fn delete_acknowledged(deps: &Deps, records: &[SqsMessage], resp: &SqsBatc
         else {
             continue;
         };
-        if resp.batch_item_failures.iter().any(|f| &f.item_identifier == id) {
+        if resp
+            .batch_item_failures
+            .iter()
+            .any(|f| &f.item_identifier == id)
+        {
             continue;
         }
         let Some(url) = deps.queue_url_for(arn).await else {
@@ -708,10 +718,12 @@ mod tests {
         .unwrap();
         assert_eq!(event.records.len(), 1);
         let id = jobs[0].job_id.clone().expect("a generated id");
-        let body: Value =
-            serde_json::from_str(event.records[0].body.as_deref().unwrap()).unwrap();
+        let body: Value = serde_json::from_str(event.records[0].body.as_deref().unwrap()).unwrap();
         assert_eq!(body["job_id"], id.as_str());
-        assert_eq!(event.records[0].message_id.as_deref(), Some(jobs[0].message_id.as_str()));
+        assert_eq!(
+            event.records[0].message_id.as_deref(),
+            Some(jobs[0].message_id.as_str())
+        );
     }
 
     #[test]

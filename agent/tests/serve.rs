@@ -187,9 +187,15 @@ async fn bad_requests_are_refused_naming_the_field() {
     let s = serve(deps(&r, work.path(), &[]), options(InvocationMode::Sync)).await;
 
     let cases: [(&[u8], &str); 4] = [
-        (br#"{"spec_version":1,"agent":"nope","prompt":"x"}"#, "agent"),
+        (
+            br#"{"spec_version":1,"agent":"nope","prompt":"x"}"#,
+            "agent",
+        ),
         // AgentCore's example payload is not a job spec.
-        (br#"{"prompt": "What's the weather today?"}"#, "spec_version"),
+        (
+            br#"{"prompt": "What's the weather today?"}"#,
+            "spec_version",
+        ),
         (b"{not json", "body"),
         (br#"{"Records":[{"messageId":"m1"}]}"#, "Records[0].body"),
     ];
@@ -218,7 +224,10 @@ async fn bad_requests_are_refused_naming_the_field() {
         .iter()
         .map(|v| v["field"].as_str().unwrap())
         .collect();
-    assert!(fields.contains(&"env.PATH") && fields.contains(&"timeout_seconds"), "{body}");
+    assert!(
+        fields.contains(&"env.PATH") && fields.contains(&"timeout_seconds"),
+        "{body}"
+    );
 
     // Size, method and path.
     let big = vec![b' '; 65 * 1024];
@@ -243,8 +252,7 @@ async fn an_sqs_event_gets_its_partial_batch_response() {
 
     let busy = agentq_testkit::unique("leased");
     let busy_spec = claude(&busy, "turns=1");
-    let valid =
-        JobSpec::parse_valid(busy_spec.as_bytes(), &ValidationContext::default()).unwrap();
+    let valid = JobSpec::parse_valid(busy_spec.as_bytes(), &ValidationContext::default()).unwrap();
     let store = JobStore::new(r.clients().dynamodb, &r.table);
     let layout = Layout::new(&r.prefix);
     let json = valid.to_json();
@@ -417,9 +425,8 @@ async fn the_binary_serves_and_sigterm_stops_the_running_job() {
 
     let job = agentq_testkit::unique("sigterm");
     let spec = claude(&job, "sleep=60");
-    let call = tokio::spawn(async move {
-        http(addr, "POST", "/invocations", &[], spec.as_bytes()).await
-    });
+    let call =
+        tokio::spawn(async move { http(addr, "POST", "/invocations", &[], spec.as_bytes()).await });
     wait_for_ping(addr, "HealthyBusy").await;
     let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");

@@ -1,13 +1,16 @@
 //! agentq's core: the job spec and its validation, ids, the job state machine and failure
 //! causes, the storage layout (S3 keys, DynamoDB attributes), the jobs-table operations,
-//! the DLQ failure record and the SQS Extended Client payload format, and the one AWS
+//! the DLQ failure record and the SQS Extended Client payload format, chained delays,
+//! the SQS event source mapping the non-Lambda front ends play, and the one AWS
 //! configuration builder every binary uses.
 
 pub mod aws;
 pub mod config;
+pub mod delay;
 pub mod failure;
 pub mod ids;
 pub mod layout;
+pub mod mapping;
 pub mod payload;
 pub mod record;
 pub mod spec;
@@ -19,5 +22,5 @@ pub use ids::{Attempt, JobId};
 pub use layout::{Layout, Stream};
 pub use record::{Decision, JobRecord, Progress};
 pub use spec::{AgentPreset, JobSpec, SpecError, ValidSpec};
-pub use state::{FailureCause, JobState};
+pub use state::{Action, CauseKind, FailureCause, JobState};
 pub use store::{JobStore, StoreError};

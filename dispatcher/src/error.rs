@@ -31,6 +31,7 @@ pub enum ReplanError {
         job_id: String,
         op: &'static str,
         queue: String,
+        transient: bool,
         message: String,
     },
     #[error(transparent)]
@@ -43,6 +44,19 @@ pub enum ReplanError {
     InFlight { job_id: String, age_ms: i64 },
     #[error("job {job_id}: the record kept changing while re-planning; retrying later")]
     Contended { job_id: String },
+}
+
+impl ReplanError {
+    /// Whether handling the same message later may succeed (it is left on the DLQ
+    /// either way; this is for logs and counters).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_retryable(),
+            Self::Sqs { transient, .. } => *transient,
+            Self::Payload(e) => e.is_retryable(),
+            Self::InFlight { .. } | Self::Contended { .. } => true,
+        }
+    }
 }
 
 /// `deploy` failed. Messages name the resource and the next step.

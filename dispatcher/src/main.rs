@@ -1,4 +1,4 @@
-//! `agentq-dispatcher`: the DLQ re-planner (Lambda or poller) and `deploy`.
+//! `agentq-dispatcher`: the DLQ re-planner (Lambda or poller), the sweep, and `deploy`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,12 +9,13 @@ use agentq_dispatcher::poller::{self, PollOptions};
 use agentq_dispatcher::{Policy, RawPolicy, Replanner};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "agentq-dispatcher",
     version,
-    about = "Re-plans agentq's dead-letter queue and deploys the agent image"
+    about = "Re-plans agentq's dead-letter queue, sweeps stranded jobs, and deploys the agent image"
 )]
 struct Cli {
     #[command(flatten)]
@@ -44,8 +45,8 @@ struct PolicyArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run as the Lambda function behind the DLQ's event source mapping (the default
-    /// when AWS_LAMBDA_RUNTIME_API is set and no command is given).
+    /// Run as the Lambda function behind the DLQ's event source mapping and the sweep's
+    /// schedule (the default when AWS_LAMBDA_RUNTIME_API is set and no command is given).
     Lambda {
         #[command(flatten)]
         policy: PolicyArgs,
@@ -60,6 +61,14 @@ enum Command {
         /// Long-poll wait per receive, seconds (default 20; 1 with --once).
         #[arg(long)]
         wait_seconds: Option<i32>,
+    },
+    /// Find jobs whose message is gone (stranded RUNNING, lost QUEUED, unsent plans) and re-plan them; prints a report as JSON.
+    Sweep {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Sweep again after this long until SIGINT/SIGTERM (e.g. 5m); default: once.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        every: Option<std::time::Duration>,
     },
     /// Build, push and launch the agent image on Lambda (see --dry-run).
     Deploy(Box<DeployArgs>),
@@ -114,35 +123,64 @@ async fn replanner(
     ))
 }
 
-async fn shutdown_signal() {
+/// A token cancelled at SIGINT or SIGTERM.
+fn shutdown_on_signals() -> CancellationToken {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+        t.cancel();
+    });
+    token
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::from_args(&cli.settings)?;
-    let sdk = agentq_core::load_sdk_config().await;
+    let sdk = agentq_core::load_sdk_config().await?;
     match cli.command {
         Command::Lambda { policy } => {
             let r = replanner(&settings, &policy, &sdk).await?;
             let r = &r;
             lambda_runtime::run(lambda_runtime::service_fn(
-                move |ev: lambda_runtime::LambdaEvent<aws_lambda_events::event::sqs::SqsEvent>| async move {
-                    Ok::<_, lambda_runtime::Error>(r.handle(ev.payload).await)
+                move |ev: lambda_runtime::LambdaEvent<serde_json::Value>| async move {
+                    let left = ev
+                        .context
+                        .deadline()
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default();
+                    let deadline = tokio::time::Instant::now() + left;
+                    agentq_dispatcher::lambda::handle(r, ev.payload, deadline)
+                        .await
+                        .map_err(lambda_runtime::Error::from)
                 },
             ))
             .await
             .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+        }
+        Command::Sweep { policy, every } => {
+            let r = replanner(&settings, &policy, &sdk).await?;
+            let shutdown = shutdown_on_signals();
+            loop {
+                let report = r.sweep(None).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                let Some(every) = every else { break };
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+            Ok(())
         }
         Command::Replan {
             policy,
@@ -150,13 +188,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             wait_seconds,
         } => {
             let r = replanner(&settings, &policy, &sdk).await?;
-            let opts = PollOptions {
-                dlq_url: settings.dlq_url()?.to_owned(),
-                wait_seconds: wait_seconds.unwrap_or(if once { 1 } else { 20 }),
+            let opts = PollOptions::new(
+                settings.dlq_url()?,
+                wait_seconds.unwrap_or(if once { 1 } else { 20 }),
                 once,
-            };
-            let sqs = aws_sdk_sqs::Client::new(&sdk);
-            let stats = poller::run(&r, &sqs, &opts, shutdown_signal()).await?;
+            );
+            let sqs = agentq_core::config::sqs_client(&sdk);
+            let stats = poller::run(&r, &sqs, &opts, shutdown_on_signals()).await?;
             println!("{}", serde_json::to_string(&stats)?);
             Ok(())
         }

@@ -192,7 +192,9 @@ impl ProducerError {
             Self::NotFound { .. } => ErrorClass::NotFound,
             Self::AlreadyExists { .. } => ErrorClass::AlreadyExists,
             Self::Send { .. } | Self::Offload { .. } | Self::S3 { .. } => ErrorClass::Service,
-            Self::Store(StoreError::Aws { .. }) => ErrorClass::Service,
+            Self::Store(StoreError::Aws { .. } | StoreError::Rejected { .. }) => {
+                ErrorClass::Service
+            }
             Self::Store(_) | Self::Output(_) => ErrorClass::Other,
             Self::Batch { first, .. } => first.class(),
         }

@@ -33,10 +33,10 @@ async fn main() -> ExitCode {
     };
     init_tracing(cli.verbose);
     let json = cli.output == OutputFormat::Json;
-    let deps = Deps {
-        sdk: agentq_core::load_sdk_config().await,
+    let result: anyhow::Result<_> = match agentq_core::load_sdk_config().await {
+        Ok(sdk) => run(cli, &Deps { sdk }).await.map_err(anyhow::Error::from),
+        Err(e) => Err(ProducerError::from(e).into()),
     };
-    let result: anyhow::Result<_> = run(cli, &deps).await.map_err(anyhow::Error::from);
     match result {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
         // A reader that went away (`agentq logs JOB | head`) is not an error.

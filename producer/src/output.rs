@@ -186,7 +186,7 @@ impl StatusView {
                 .iter()
                 .map(|d| DecisionView {
                     at: Time::new(d.at),
-                    action: d.action.clone(),
+                    action: d.action.to_string(),
                     by: d.by.clone(),
                     attempt: d.attempt,
                     cause: d.cause.clone(),

@@ -160,7 +160,7 @@ pub(crate) struct Planned {
 /// use agentq_core::{JobSpec, Settings, SettingsArgs, AgentPreset};
 /// use agentq_producer::{Producer, SubmitOptions};
 ///
-/// let sdk = agentq_core::load_sdk_config().await;
+/// let sdk = agentq_core::load_sdk_config().await?;
 /// let settings = Settings::from_args(&SettingsArgs {
 ///     queue_url: Some("https://sqs.us-east-1.amazonaws.com/123456789012/agentq-jobs".into()),
 ///     table: Some("agentq-jobs".into()),

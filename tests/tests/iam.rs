@@ -571,8 +571,8 @@ fn last_action(r: &JobRecord) -> String {
     r.history
         .iter()
         .rev()
-        .find(|d| d.by == "dispatcher" && d.action != "enqueued")
-        .map(|d| d.action.clone())
+        .find(|d| d.by == "dispatcher" && d.action != agentq_core::Action::Enqueued)
+        .map(|d| d.action.as_str().to_owned())
         .unwrap_or_default()
 }
 

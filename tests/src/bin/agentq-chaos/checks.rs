@@ -387,7 +387,7 @@ mod tests {
         let mut rec = record(JobState::RetryScheduled, &[(1, None, None)]);
         rec.history.push(Decision {
             at: 15_000,
-            action: "retry".into(),
+            action: agentq_core::Action::Retry,
             delay_seconds: Some(10),
             ..Default::default()
         });

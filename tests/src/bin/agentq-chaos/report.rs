@@ -90,7 +90,7 @@ impl Figures {
                 .unwrap_or_else(|| "MISSING".into());
             *states.entry(st).or_insert(0) += 1;
             for d in rec.map(|r| r.history.as_slice()).unwrap_or_default() {
-                *decisions.entry(d.action.clone()).or_insert(0) += 1;
+                *decisions.entry(d.action.as_str().to_owned()).or_insert(0) += 1;
             }
         }
         let mut kill_count = BTreeMap::new();
