@@ -1,19 +1,24 @@
 //! agentq's core: the job spec and its validation, ids, the job state machine and failure
 //! causes, the storage layout (S3 keys, DynamoDB attributes), the jobs-table operations,
-//! the DLQ failure record and the SQS Extended Client payload format, and the one AWS
-//! configuration builder every binary uses.
+//! the DLQ failure record and the SQS Extended Client payload format, the one AWS
+//! configuration builder every binary uses, and the command-line conventions the three
+//! binaries share (exit codes, `--output`).
 
 pub mod aws;
 pub mod config;
+pub mod exit;
 pub mod failure;
 pub mod ids;
 pub mod layout;
+pub mod output;
 pub mod payload;
 pub mod record;
 pub mod spec;
 pub mod state;
 pub mod store;
 
+pub use exit::ExitStatus;
+pub use output::OutputFormat;
 pub use config::{AwsClients, ConfigError, Settings, SettingsArgs, load_sdk_config};
 pub use ids::{Attempt, JobId};
 pub use layout::{Layout, Stream};

@@ -268,7 +268,7 @@ async fn deploy_bootstraps_updates_in_place_and_is_idempotent() {
             "--create-function",
             "--role-arn",
             &role,
-            "--timeout",
+            "--function-timeout-seconds",
             "60",
         ])
         .await
@@ -304,7 +304,7 @@ async fn deploy_bootstraps_updates_in_place_and_is_idempotent() {
             "--create-function",
             "--role-arn",
             &role,
-            "--timeout",
+            "--function-timeout-seconds",
             "60",
             "--batch-size",
             "5",
@@ -427,7 +427,7 @@ async fn a_queue_whose_visibility_is_shorter_than_the_function_timeout_is_refuse
             "--create-function",
             "--role-arn",
             &role,
-            "--timeout",
+            "--function-timeout-seconds",
             "60",
         ])
         .await
@@ -582,7 +582,7 @@ async fn the_binary_prints_a_json_plan_on_dry_run() {
             "--create-function",
             "--role-arn",
             &role,
-            "--timeout",
+            "--function-timeout-seconds",
             "60",
             "--enabled",
             "false",
