@@ -139,13 +139,13 @@ mod tests {
             body,
             r#"["software.amazon.payloadoffloading.PayloadS3Pointer",{"s3BucketName":"b","s3Key":"agentq/payloads/x.json"}]"#
         );
+        assert_eq!(p.url(), "s3://b/agentq/payloads/x.json");
         assert_eq!(PayloadPointer::parse(&body), Some(p));
         assert_eq!(PayloadPointer::parse(r#"{"spec_version":1}"#), None);
         assert_eq!(
             PayloadPointer::parse(r#"["other.Class",{"s3BucketName":"b","s3Key":"k"}]"#),
             None
         );
-        assert_eq!(p.url(), "s3://b/agentq/payloads/x.json");
     }
 
     #[test]

@@ -314,6 +314,13 @@ impl JobSpec {
         }
         if let Err(e) = parsed {
             violations.extend(type_violations(&map, &e));
+            if violations.is_empty() {
+                // Not expected (every field is described); never leave the list empty.
+                violations.push(SpecViolation {
+                    field: SPEC_FIELD.into(),
+                    message: format!("{}: see docs/job-spec.md", e.inner()),
+                });
+            }
         }
         Err(SpecError::Invalid(violations))
     }
@@ -713,12 +720,8 @@ fn type_violations(
             return;
         }
         let message = match value {
-            Some(v) => format!(
-                "expected {}, got {}; see docs/job-spec.md",
-                expected(&top, nested),
-                describe(v)
-            ),
-            None => format!("expected {}; see docs/job-spec.md", expected(&top, nested)),
+            Some(v) => format!("expected {}, got {}", expected(&top, nested), describe(v)),
+            None => format!("expected {}", expected(&top, nested)),
         };
         out.push(SpecViolation { field, message });
     };
