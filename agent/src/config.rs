@@ -26,7 +26,7 @@ pub struct AgentArgs {
     #[arg(
         long,
         env = "AGENTQ_STALE_AFTER_SECONDS",
-        default_value_t = agentq_core::config::DEFAULT_STALE_AFTER_SECONDS,
+        default_value = agentq_core::config::DEFAULT_STALE_AFTER_SECONDS_ARG,
         global = true
     )]
     pub stale_after_seconds: Option<f64>,

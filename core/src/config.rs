@@ -17,6 +17,8 @@ pub const DEFAULT_SECRETS_PREFIX: &str = "/agentq/secrets/";
 pub const STALE_AFTER_ENV: &str = "AGENTQ_STALE_AFTER_SECONDS";
 /// Default of [`STALE_AFTER_ENV`], in seconds.
 pub const DEFAULT_STALE_AFTER_SECONDS: f64 = 30.0;
+/// [`DEFAULT_STALE_AFTER_SECONDS`] as a command-line default (`default_value`).
+pub const DEFAULT_STALE_AFTER_SECONDS_ARG: &str = "30";
 /// Accepted range of [`STALE_AFTER_ENV`], in seconds.
 pub const STALE_AFTER_RANGE_SECONDS: std::ops::RangeInclusive<f64> = 1.0..=86_400.0;
 
@@ -275,6 +277,10 @@ mod tests {
     #[test]
     fn stale_after_has_one_default_and_range() {
         assert_eq!(stale_after(None).unwrap().as_secs(), 30);
+        assert_eq!(
+            DEFAULT_STALE_AFTER_SECONDS_ARG.parse::<f64>().unwrap(),
+            DEFAULT_STALE_AFTER_SECONDS
+        );
         assert_eq!(stale_after(Some(2.5)).unwrap().as_millis(), 2500);
         for bad in [0.5, -1.0, f64::NAN, 100_000.0] {
             let e = stale_after(Some(bad)).unwrap_err().to_string();

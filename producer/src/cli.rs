@@ -43,7 +43,7 @@ pub fn after_help() -> String {
 
 const SETTINGS_HELP: &str = "\
 Settings come from flags or their variables (AGENTQ_ + the flag's name in upper case,
-shown as [env: ...] above); AWS access from the standard AWS environment (AWS_REGION,
+shown next to each flag); AWS access from the standard AWS environment (AWS_REGION,
 AWS_PROFILE, credentials; AWS_ENDPOINT_URL for an emulator). JSON output (--output json)
 is valid JSON on stdout; messages go to stderr.";
 

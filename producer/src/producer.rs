@@ -450,6 +450,7 @@ impl Producer {
         created_at: EpochMillis,
     ) -> Result<Outgoing, ProducerError> {
         let job_id = p.spec.job_id.clone();
+        let pointer = self.payload_pointer(&p);
         let mut attributes = HashMap::from([(
             msg_attr::JOB_ID.to_owned(),
             string_attr("String", job_id.as_str()),
@@ -463,7 +464,7 @@ impl Producer {
             delay_seconds: p.delay_seconds,
             offloaded: None,
         };
-        let Some(PayloadPointer { bucket, key }) = self.payload_pointer(&p) else {
+        let Some(PayloadPointer { bucket, key }) = pointer else {
             out.body = p.json;
             out.attributes = attributes;
             return Ok(out);
