@@ -264,10 +264,7 @@ async fn real_main() -> anyhow::Result<ExitStatus> {
                 println!(
                     "{} {}",
                     job_id.as_ref().map_or("-", |j| j.as_str()),
-                    state.map_or_else(
-                        || "left for retry".to_owned(),
-                        |s: JobState| s.to_string()
-                    )
+                    state.map_or_else(|| "left for retry".to_owned(), |s: JobState| s.to_string())
                 );
             }
             return Ok(status);

@@ -176,16 +176,23 @@ mod tests {
             assert_eq!(usize::from(s.code()), i, "{s:?}");
         }
         assert_eq!(
-            (OK, OTHER, USAGE, NOT_FOUND, JOB_UNSUCCESSFUL, SERVICE, ALREADY_EXISTS),
+            (
+                OK,
+                OTHER,
+                USAGE,
+                NOT_FOUND,
+                JOB_UNSUCCESSFUL,
+                SERVICE,
+                ALREADY_EXISTS
+            ),
             (0, 1, 2, 3, 4, 5, 6)
         );
     }
 
     #[test]
     fn help_table_is_the_meanings() {
-        let mut expected = String::from(
-            "Exit codes (the same for agentq, agentq-agent and agentq-dispatcher):",
-        );
+        let mut expected =
+            String::from("Exit codes (the same for agentq, agentq-agent and agentq-dispatcher):");
         for s in ExitStatus::ALL {
             expected.push_str(&format!("\n  {}  {}", s.code(), s.meaning()));
         }

@@ -17,11 +17,11 @@ pub mod spec;
 pub mod state;
 pub mod store;
 
-pub use exit::ExitStatus;
-pub use output::OutputFormat;
 pub use config::{AwsClients, ConfigError, Settings, SettingsArgs, load_sdk_config};
+pub use exit::ExitStatus;
 pub use ids::{Attempt, JobId};
 pub use layout::{Layout, Stream};
+pub use output::OutputFormat;
 pub use record::{Decision, JobRecord, Progress};
 pub use spec::{AgentPreset, JobSpec, SpecError, ValidSpec};
 pub use state::{FailureCause, JobState};

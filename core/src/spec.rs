@@ -711,11 +711,7 @@ fn type_violations(
         if field.is_empty() || field == "?" {
             return;
         }
-        let top = field
-            .split(['.', '['])
-            .next()
-            .unwrap_or(&field)
-            .to_owned();
+        let top = field.split(['.', '[']).next().unwrap_or(&field).to_owned();
         if !seen.insert(top.clone()) {
             return;
         }
@@ -732,8 +728,7 @@ fn type_violations(
             probe.insert("spec_version".into(), Value::from(SPEC_VERSION));
             probe.insert("agent".into(), Value::from(AgentPreset::Command.as_str()));
             probe.insert(k.clone(), v.clone());
-            if let Err(e) = serde_path_to_error::deserialize::<_, JobSpec>(&Value::Object(probe))
-            {
+            if let Err(e) = serde_path_to_error::deserialize::<_, JobSpec>(&Value::Object(probe)) {
                 push(e.path(), &mut out);
             }
         }

@@ -341,14 +341,19 @@ fn every_field_has_a_type_description() {
 fn size_limit_accepts_whatever_the_field_limits_accept() {
     // A maximal prompt whose JSON escaping doubles it is still a valid spec.
     let prompt = "\"".repeat(MAX_PROMPT_BYTES);
-    let json = serde_json::json!({"spec_version": 1, "agent": "codex", "prompt": prompt}).to_string();
+    let json =
+        serde_json::json!({"spec_version": 1, "agent": "codex", "prompt": prompt}).to_string();
     assert!(json.len() > 2 * MAX_PROMPT_BYTES);
     JobSpec::parse_valid(json.as_bytes(), &ctx()).expect("a maximal prompt is accepted");
     // Above the whole-spec limit: named against the spec.
     let json = serde_json::json!({"spec_version": 1, "agent": "command", "command": ["true"],
-        "x-blob": "b".repeat(MAX_SPEC_BYTES)}).to_string();
+        "x-blob": "b".repeat(MAX_SPEC_BYTES)})
+    .to_string();
     let err = JobSpec::from_json(json.as_bytes()).unwrap_err();
-    assert!(err.names_field("(spec)") && err.to_string().contains("2 MiB"), "{err}");
+    assert!(
+        err.names_field("(spec)") && err.to_string().contains("2 MiB"),
+        "{err}"
+    );
 }
 
 #[test]

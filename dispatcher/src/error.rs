@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use agentq_core::{ExitStatus, StoreError};
 use agentq_core::payload::PayloadError;
+use agentq_core::{ExitStatus, StoreError};
 
 /// A re-plan policy that cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -205,8 +205,8 @@ impl Policy {
             }
             (seconds, None) => seconds,
         };
-        let stale_after = agentq_core::config::stale_after(stale_after).map_err(|e| {
-            PolicyError::Invalid {
+        let stale_after =
+            agentq_core::config::stale_after(stale_after).map_err(|e| PolicyError::Invalid {
                 field: "stale_after_seconds".into(),
                 why: match e {
                     agentq_core::ConfigError::Invalid { value, why, .. } => {
@@ -214,8 +214,7 @@ impl Policy {
                     }
                     other => other.to_string(),
                 },
-            }
-        })?;
+            })?;
         let resend_after = duration(
             "resend_after".into(),
             &raw.resend_after,

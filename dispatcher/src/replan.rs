@@ -360,7 +360,10 @@ impl Replanner {
         rec: &agentq_core::JobRecord,
         cache: &mut Option<(String, String)>,
     ) -> Result<agentq_core::JobRecord, ReplanError> {
-        let Some(body) = rec.spec.as_deref().filter(|s| PayloadPointer::parse(s).is_some())
+        let Some(body) = rec
+            .spec
+            .as_deref()
+            .filter(|s| PayloadPointer::parse(s).is_some())
         else {
             return Ok(rec.clone());
         };

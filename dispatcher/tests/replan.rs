@@ -843,8 +843,11 @@ async fn the_binary_drains_the_dlq_with_a_policy_file() {
         .await
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(i32::from(agentq_core::exit::USAGE)),
-        "{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(agentq_core::exit::USAGE)),
+        "{stderr}"
+    );
     assert!(stderr.contains("causes.crashed.base_delay"), "{stderr}");
 }
 

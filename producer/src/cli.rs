@@ -35,10 +35,7 @@ pub mod exit_code {
 /// What every `--help` ends with: the shared exit-code table, then where settings come
 /// from.
 pub fn after_help() -> String {
-    format!(
-        "{}\n\n{SETTINGS_HELP}",
-        agentq_core::exit::HELP
-    )
+    format!("{}\n\n{SETTINGS_HELP}", agentq_core::exit::HELP)
 }
 
 const SETTINGS_HELP: &str = "\

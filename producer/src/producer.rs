@@ -338,13 +338,12 @@ impl Producer {
             (None, None)
         };
         let json = spec.to_json();
-        let offload_bucket = if json.len() > self.opts.offload_threshold
-            || json.len() > RECORD_SPEC_MAX_BYTES
-        {
-            Some(self.settings.bucket()?.to_owned())
-        } else {
-            None
-        };
+        let offload_bucket =
+            if json.len() > self.opts.offload_threshold || json.len() > RECORD_SPEC_MAX_BYTES {
+                Some(self.settings.bucket()?.to_owned())
+            } else {
+                None
+            };
         Ok(Planned {
             spec,
             json,
@@ -406,11 +405,12 @@ impl Producer {
         rec.tier = spec.spec.tier.clone();
         rec.labels = spec.spec.labels.clone();
         rec.expires_at = Some(now / 1000 + agentq_core::store::DEFAULT_RETENTION_DAYS * 86_400);
-        let item = serde_dynamo::to_item(&rec).map_err(|source| agentq_core::StoreError::Corrupt {
-            job_id: rec.job_id.to_string(),
-            table: store.table().to_owned(),
-            source,
-        })?;
+        let item =
+            serde_dynamo::to_item(&rec).map_err(|source| agentq_core::StoreError::Corrupt {
+                job_id: rec.job_id.to_string(),
+                table: store.table().to_owned(),
+                source,
+            })?;
         let res = self
             .clients
             .dynamodb

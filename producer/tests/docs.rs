@@ -75,8 +75,7 @@ fn json_examples_are_valid_specs_and_cover_every_preset() {
 #[test]
 fn exit_codes_are_documented_once_in_the_readme() {
     use agentq_core::ExitStatus;
-    let readme =
-        std::fs::read_to_string(docs().join("../README.md")).expect("README.md");
+    let readme = std::fs::read_to_string(docs().join("../README.md")).expect("README.md");
     for status in ExitStatus::ALL {
         let code = status.code();
         assert!(

@@ -134,7 +134,13 @@ async fn a_spec_over_400_kb_is_submitted_through_s3_and_run_to_success() {
 
     // `agentq status` reads such a record and says where the spec is.
     let v = ok(
-        &run(&r, "agentq", &["status", &id, "--output", "json"], work.path()).await,
+        &run(
+            &r,
+            "agentq",
+            &["status", &id, "--output", "json"],
+            work.path(),
+        )
+        .await,
         "status",
     );
     assert_eq!(v["spec_location"], ptr.url(), "{v}");

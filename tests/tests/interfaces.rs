@@ -59,7 +59,9 @@ fn flag_env_pairs(help: &str) -> Vec<(String, String)> {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            let f = flag.clone().unwrap_or_else(|| panic!("{var} without a flag"));
+            let f = flag
+                .clone()
+                .unwrap_or_else(|| panic!("{var} without a flag"));
             pairs.push((f, var));
         }
     }
@@ -108,7 +110,12 @@ fn every_variable_is_its_flag_and_every_help_lists_the_exit_codes() {
         assert!(seen.contains_key(must), "no binary reads {must}");
     }
     // --output and the stale limit are shared: every binary / both lease readers.
-    assert_eq!(seen["AGENTQ_OUTPUT"].1.len(), 3, "{:?}", seen["AGENTQ_OUTPUT"]);
+    assert_eq!(
+        seen["AGENTQ_OUTPUT"].1.len(),
+        3,
+        "{:?}",
+        seen["AGENTQ_OUTPUT"]
+    );
     assert_eq!(
         seen["AGENTQ_STALE_AFTER_SECONDS"].1,
         BTreeSet::from(["agentq-agent", "agentq-dispatcher"])
@@ -125,8 +132,14 @@ fn every_variable_is_its_flag_and_every_help_lists_the_exit_codes() {
 fn a_bad_setting_exits_2_in_every_binary() {
     for (bin, args) in [
         ("agentq", &["list", "--queue-url", "not-a-url"][..]),
-        ("agentq-agent", &["run", "--job", "-", "--queue-url", "not-a-url"][..]),
-        ("agentq-dispatcher", &["replan", "--once", "--queue-url", "not-a-url"][..]),
+        (
+            "agentq-agent",
+            &["run", "--job", "-", "--queue-url", "not-a-url"][..],
+        ),
+        (
+            "agentq-dispatcher",
+            &["replan", "--once", "--queue-url", "not-a-url"][..],
+        ),
     ] {
         let out = Command::new(binary(bin))
             .env_clear()

@@ -75,7 +75,11 @@ pub struct DeployArgs {
     #[arg(long, default_value_t = 1)]
     pub batch_size: i32,
     /// Seconds the mapping may wait to fill a batch (0..=300).
-    #[arg(long = "batching-window-seconds", alias = "batching-window", default_value_t = 0)]
+    #[arg(
+        long = "batching-window-seconds",
+        alias = "batching-window",
+        default_value_t = 0
+    )]
     pub batching_window: i32,
     /// Most concurrent invocations the mapping starts (2..=1000).
     #[arg(long)]
@@ -90,7 +94,11 @@ pub struct DeployArgs {
     #[arg(long)]
     pub role_arn: Option<String>,
     /// Timeout in seconds of a function created by --create-function (1..=900).
-    #[arg(long = "function-timeout-seconds", alias = "timeout", default_value_t = 900)]
+    #[arg(
+        long = "function-timeout-seconds",
+        alias = "timeout",
+        default_value_t = 900
+    )]
     pub timeout: i32,
     /// Memory (MB) of a function created by --create-function (128..=10240).
     #[arg(long, default_value_t = 2048)]
@@ -255,7 +263,10 @@ fn check_args(a: &DeployArgs) -> Result<(), DeployError> {
         return bad(format!("--max-concurrency {c} is outside 2..=1000 (AWS)"));
     }
     if !(1..=900).contains(&a.timeout) {
-        return bad(format!("--function-timeout-seconds {} is outside 1..=900 (AWS)", a.timeout));
+        return bad(format!(
+            "--function-timeout-seconds {} is outside 1..=900 (AWS)",
+            a.timeout
+        ));
     }
     if !(128..=10_240).contains(&a.memory) {
         return bad(format!(
