@@ -115,7 +115,12 @@ async fn a_child_that_never_ends_times_out_with_everything_in_s3_before_the_dead
     let deps = deps(
         &r,
         root.path(),
-        &["--reserve-seconds", "6", "--grace-seconds", "2"],
+        &[
+            "--deadline-reserve-seconds",
+            "6",
+            "--kill-grace-seconds",
+            "2",
+        ],
     );
     let started = Instant::now();
     let deadline_ms = now_ms() + 20_000;

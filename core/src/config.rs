@@ -29,6 +29,36 @@ use crate::layout::Layout;
 /// Default SSM path prefix for job secrets.
 pub const DEFAULT_SECRETS_PREFIX: &str = "/agentq/secrets/";
 
+/// `AGENTQ_STALE_AFTER_SECONDS` / `--stale-after-seconds`: a `RUNNING` lease whose
+/// heartbeat is older than this is stale. The agent takes such a lease over (attempt + 1)
+/// and the dispatcher treats it as crashed, so both must use the same value: set it on
+/// both, or on neither. Keep it several heartbeats long (`AGENTQ_HEARTBEAT_SECONDS`,
+/// default 5): 30 s is 6 missed heartbeats.
+pub const STALE_AFTER_ENV: &str = "AGENTQ_STALE_AFTER_SECONDS";
+/// Default of [`STALE_AFTER_ENV`], in seconds.
+pub const DEFAULT_STALE_AFTER_SECONDS: f64 = 30.0;
+/// [`DEFAULT_STALE_AFTER_SECONDS`] as a command-line default (`default_value`).
+pub const DEFAULT_STALE_AFTER_SECONDS_ARG: &str = "30";
+/// Accepted range of [`STALE_AFTER_ENV`], in seconds.
+pub const STALE_AFTER_RANGE_SECONDS: std::ops::RangeInclusive<f64> = 1.0..=86_400.0;
+
+/// Validates `AGENTQ_STALE_AFTER_SECONDS` (the default when `None`).
+pub fn stale_after(seconds: Option<f64>) -> Result<std::time::Duration, ConfigError> {
+    let s = seconds.unwrap_or(DEFAULT_STALE_AFTER_SECONDS);
+    if !(s.is_finite() && STALE_AFTER_RANGE_SECONDS.contains(&s)) {
+        return Err(ConfigError::Invalid {
+            env: STALE_AFTER_ENV,
+            value: s.to_string(),
+            why: format!(
+                "use {}..={} seconds (default {DEFAULT_STALE_AFTER_SECONDS}), the same value for the agent and the dispatcher",
+                STALE_AFTER_RANGE_SECONDS.start(),
+                STALE_AFTER_RANGE_SECONDS.end()
+            ),
+        });
+    }
+    Ok(std::time::Duration::from_secs_f64(s))
+}
+
 /// Attempts per AWS call, the first included, unless `AWS_MAX_ATTEMPTS` says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 /// Largest `AWS_MAX_ATTEMPTS` accepted.
@@ -457,5 +487,19 @@ mod tests {
             Settings::from_args(&args).unwrap().secrets_prefix(),
             "/team/a/"
         );
+    }
+
+    #[test]
+    fn stale_after_has_one_default_and_range() {
+        assert_eq!(stale_after(None).unwrap().as_secs(), 30);
+        assert_eq!(
+            DEFAULT_STALE_AFTER_SECONDS_ARG.parse::<f64>().unwrap(),
+            DEFAULT_STALE_AFTER_SECONDS
+        );
+        assert_eq!(stale_after(Some(2.5)).unwrap().as_millis(), 2500);
+        for bad in [0.5, -1.0, f64::NAN, 100_000.0] {
+            let e = stale_after(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("AGENTQ_STALE_AFTER_SECONDS"), "{e}");
+        }
     }
 }

@@ -1,10 +1,11 @@
 //! The dispatcher's errors. Each message says what failed, on which resource, and what
-//! to do next; retryability of a re-plan error is decided here, from typed causes.
+//! to do next; retryability of a re-plan error and the exit status of each error (the
+//! codes every agentq binary shares) are decided here, from typed causes.
 
 use std::path::PathBuf;
 
-use agentq_core::StoreError;
 use agentq_core::payload::PayloadError;
+use agentq_core::{ExitStatus, StoreError};
 
 /// A re-plan policy that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -111,4 +112,40 @@ pub enum DeployError {
         repository: String,
         reference: String,
     },
+}
+
+impl PolicyError {
+    /// Always [`ExitStatus::Usage`]: the policy (file or flags) must be fixed.
+    pub fn exit_status(&self) -> ExitStatus {
+        ExitStatus::Usage
+    }
+}
+
+impl ReplanError {
+    /// AWS errors as such; a plan in flight elsewhere or a contended record is "other".
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            Self::Store(e) => e.exit_status(),
+            Self::Payload(e) => e.exit_status(),
+            Self::Sqs { .. } => ExitStatus::Service,
+            Self::InFlight { .. } | Self::Contended { .. } => ExitStatus::Other,
+        }
+    }
+}
+
+impl DeployError {
+    /// Bad options, files or queue settings are usage errors; a missing function or
+    /// image is "not found"; AWS failures and updates that never finish are AWS errors; a
+    /// failing build command is "other".
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            Self::Invalid(_)
+            | Self::NoBuilder { .. }
+            | Self::File { .. }
+            | Self::VisibilityTooShort { .. } => ExitStatus::Usage,
+            Self::NoFunction { .. } | Self::NoImage { .. } => ExitStatus::NotFound,
+            Self::Aws { .. } | Self::Timeout { .. } => ExitStatus::Service,
+            Self::Command { .. } => ExitStatus::Other,
+        }
+    }
 }

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentq_core::{JobStore, Settings, SettingsArgs};
-use agentq_dispatcher::deploy::{self, DeployArgs, DeployClients, OutputFormat};
-use agentq_dispatcher::poller::{self, PollOptions};
-use agentq_dispatcher::{Policy, RawPolicy, Replanner};
+use agentq_core::{ExitStatus, JobStore, OutputFormat, Settings, SettingsArgs};
+use agentq_dispatcher::deploy::{self, DeployArgs, DeployClients};
+use agentq_dispatcher::poller::{self, PollError, PollOptions};
+use agentq_dispatcher::{DeployError, Policy, PolicyError, RawPolicy, ReplanError, Replanner};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -15,9 +15,13 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "agentq-dispatcher",
     version,
-    about = "Re-plans agentq's dead-letter queue, sweeps stranded jobs, and deploys the agent image"
+    about = "Re-plans agentq's dead-letter queue, sweeps stranded jobs, and deploys the agent image",
+    after_help = agentq_core::exit::HELP
 )]
 struct Cli {
+    /// Output format: human-readable text, or JSON on stdout (messages stay on stderr).
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text, env = "AGENTQ_OUTPUT")]
+    output: OutputFormat,
     #[command(flatten)]
     settings: SettingsArgs,
     #[command(subcommand)]
@@ -30,12 +34,16 @@ struct PolicyArgs {
     /// Re-plan policy file (TOML, or JSON when it ends in .json); see docs/dispatcher.md.
     #[arg(long, env = "AGENTQ_POLICY")]
     policy: Option<PathBuf>,
-    /// A capacity tier and its queue, NAME=URL, in escalation order (repeat, or comma-separate in the env var).
-    #[arg(long = "tier-queue", env = "AGENTQ_TIER_QUEUES", value_delimiter = ',', value_parser = parse_tier)]
+    /// Capacity tiers and their queues, NAME=URL, in escalation order (repeat, or comma-separate).
+    #[arg(long, alias = "tier-queue", env = "AGENTQ_TIER_QUEUES", value_delimiter = ',', value_parser = parse_tier)]
     tier_queues: Vec<(String, String)>,
-    /// A RUNNING lease whose heartbeat is older than this is a crash (overrides the file).
-    #[arg(long, env = "AGENTQ_STALE_AFTER")]
-    stale_after: Option<String>,
+    /// Seconds after which a RUNNING lease without a heartbeat is a crash (overrides the
+    /// policy file). The agent's setting too: give both the same value [default: 30].
+    #[arg(long, env = "AGENTQ_STALE_AFTER_SECONDS")]
+    stale_after_seconds: Option<f64>,
+    /// Deprecated: `AGENTQ_STALE_AFTER` as a duration (e.g. 15m); use --stale-after-seconds.
+    #[arg(long = "stale-after", env = "AGENTQ_STALE_AFTER", hide = true)]
+    stale_after_deprecated: Option<String>,
     /// true: a segment that timed out and could resume resumes on the next tier (longer
     /// invocations, e.g. Lambda Managed Instances) instead of its own; overrides the
     /// file's causes.timed_out.escalate_resumable.
@@ -47,11 +55,14 @@ struct PolicyArgs {
 enum Command {
     /// Run as the Lambda function behind the DLQ's event source mapping and the sweep's
     /// schedule (the default when AWS_LAMBDA_RUNTIME_API is set and no command is given).
+    #[command(after_help = agentq_core::exit::HELP)]
     Lambda {
         #[command(flatten)]
         policy: PolicyArgs,
     },
-    /// Poll the DLQ and re-plan each message (the same handler as `lambda`).
+    /// Poll the DLQ and re-plan each message (the same handler as `lambda`); prints the
+    /// counters when it stops.
+    #[command(after_help = agentq_core::exit::HELP)]
     Replan {
         #[command(flatten)]
         policy: PolicyArgs,
@@ -63,6 +74,7 @@ enum Command {
         wait_seconds: Option<i32>,
     },
     /// Find jobs whose message is gone (stranded RUNNING, lost QUEUED, unsent plans) and re-plan them; prints a report as JSON.
+    #[command(after_help = agentq_core::exit::HELP)]
     Sweep {
         #[command(flatten)]
         policy: PolicyArgs,
@@ -71,6 +83,7 @@ enum Command {
         every: Option<std::time::Duration>,
     },
     /// Build, push and launch the agent image on Lambda (see --dry-run).
+    #[command(after_help = agentq_core::exit::HELP)]
     Deploy(Box<DeployArgs>),
 }
 
@@ -83,7 +96,9 @@ fn parse_tier(s: &str) -> Result<(String, String), String> {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = agentq_core::output::log_filter()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -103,8 +118,22 @@ async fn replanner(
         Some(p) => RawPolicy::from_file(p)?,
         None => RawPolicy::default(),
     };
-    if let Some(s) = &args.stale_after {
-        raw.stale_after = Some(s.clone());
+    if let Some(s) = args.stale_after_seconds {
+        raw.stale_after_seconds = Some(s);
+        raw.stale_after = None;
+    } else if let Some(old) = &args.stale_after_deprecated {
+        let d = humantime::parse_duration(old).map_err(|e| {
+            anyhow::anyhow!(
+                "AGENTQ_STALE_AFTER={old:?} is not a duration ({e}); it is deprecated anyway: set AGENTQ_STALE_AFTER_SECONDS"
+            )
+            .context(ExitStatus::Usage)
+        })?;
+        tracing::warn!(
+            "AGENTQ_STALE_AFTER / --stale-after is deprecated: set AGENTQ_STALE_AFTER_SECONDS={} (the agent reads the same variable)",
+            d.as_secs_f64()
+        );
+        raw.stale_after_seconds = Some(d.as_secs_f64());
+        raw.stale_after = None;
     }
     if let Some(on) = args.escalate_timeouts {
         raw.causes
@@ -146,6 +175,7 @@ fn shutdown_on_signals() -> CancellationToken {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let output = cli.output;
     let settings = Settings::from_args(&cli.settings)?;
     let sdk = agentq_core::load_sdk_config().await?;
     match cli.command {
@@ -195,7 +225,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let sqs = agentq_core::config::sqs_client(&sdk);
             let stats = poller::run(&r, &sqs, &opts, shutdown_on_signals()).await?;
-            println!("{}", serde_json::to_string(&stats)?);
+            if output.is_json() {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!(
+                    "planned {} resent {} dropped {} unparseable {} left for retry {}",
+                    stats.planned, stats.resent, stats.dropped, stats.unparseable, stats.failed
+                );
+            }
             Ok(())
         }
         Command::Deploy(args) => {
@@ -217,8 +254,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 dlq: settings.dlq_url().ok().map(str::to_owned),
             };
             let report = deploy::run(&clients, &args, &queues, &root, &env).await?;
-            match args.output {
-                OutputFormat::Human => print!("{}", report.render()),
+            match output {
+                OutputFormat::Text => print!("{}", report.render()),
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             }
             Ok(())
@@ -236,6 +273,31 @@ fn command_line() -> Vec<std::ffi::OsString> {
     args
 }
 
+/// The exit status of an error (the codes every agentq binary uses; see `--help`).
+fn exit_status(err: &anyhow::Error) -> ExitStatus {
+    if let Some(s) = err.downcast_ref::<ExitStatus>() {
+        return *s;
+    }
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<agentq_core::ConfigError>() {
+            return e.exit_status();
+        }
+        if let Some(e) = cause.downcast_ref::<PolicyError>() {
+            return e.exit_status();
+        }
+        if let Some(e) = cause.downcast_ref::<DeployError>() {
+            return e.exit_status();
+        }
+        if let Some(e) = cause.downcast_ref::<ReplanError>() {
+            return e.exit_status();
+        }
+        if cause.downcast_ref::<PollError>().is_some() {
+            return ExitStatus::Service;
+        }
+    }
+    ExitStatus::Other
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse_from(command_line());
@@ -244,7 +306,41 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agentq-dispatcher: {e:#}");
-            ExitCode::FAILURE
+            exit_status(&e).into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn errors_map_to_the_shared_exit_codes() {
+        let policy = anyhow::Error::new(PolicyError::Invalid {
+            field: "stale_after_seconds".into(),
+            why: "x".into(),
+        });
+        assert_eq!(exit_status(&policy), ExitStatus::Usage);
+        let missing = anyhow::Error::new(DeployError::NoFunction {
+            function: "f".into(),
+        });
+        assert_eq!(exit_status(&missing), ExitStatus::NotFound);
+        let poll = anyhow::Error::new(PollError {
+            op: "ReceiveMessage",
+            queue: "q".into(),
+            message: "denied".into(),
+            transient: false,
+        });
+        assert_eq!(exit_status(&poll.context("polling")), ExitStatus::Service);
+        let tagged = anyhow::anyhow!("bad").context(ExitStatus::Usage);
+        assert_eq!(exit_status(&tagged), ExitStatus::Usage);
+        assert_eq!(exit_status(&anyhow::anyhow!("other")), ExitStatus::Other);
     }
 }

@@ -3,7 +3,8 @@
 //! backoff math.
 //!
 //! ```toml
-//! stale_after = "15m"          # a RUNNING lease whose heartbeat is older is a crash
+//! stale_after_seconds = 30     # a RUNNING lease whose heartbeat is older is a crash
+//!                              # (AGENTQ_STALE_AFTER_SECONDS; the agent's setting too)
 //! resend_after = "2m"          # a decision not marked enqueued after this is re-sent
 //! max_segments = 8             # resumed segments per job
 //! escalate_after_crashes = 2   # crashes on one tier before moving to the next (OOM)
@@ -93,6 +94,12 @@ pub struct RawSweep {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
+    /// Seconds after which a `RUNNING` lease without a heartbeat is a crash: the same
+    /// setting, unit and default as the agent's `AGENTQ_STALE_AFTER_SECONDS`
+    /// ([`agentq_core::config::DEFAULT_STALE_AFTER_SECONDS`]).
+    pub stale_after_seconds: Option<f64>,
+    /// Deprecated spelling of `stale_after_seconds` as a duration (`"15m"`); accepted
+    /// with a warning for one release.
     pub stale_after: Option<String>,
     pub resend_after: Option<String>,
     pub max_segments: Option<u32>,
@@ -228,24 +235,40 @@ fn check_url(field: String, url: &str) -> Result<(), PolicyError> {
 }
 
 impl Policy {
-    /// Validates `raw`, adding `extra_tiers` (from `--tier-queue NAME=URL`, in order) and
+    /// Validates `raw`, adding `extra_tiers` (from `--tier-queues NAME=URL`, in order) and
     /// using `jobs_queue_url` for the `default` tier unless a tier of that name is given.
     pub fn build(
         raw: &RawPolicy,
         extra_tiers: &[(String, String)],
         jobs_queue_url: &str,
     ) -> Result<Self, PolicyError> {
-        let stale_after = duration(
-            "stale_after".into(),
-            &raw.stale_after,
-            Duration::from_secs(15 * 60),
-        )?;
-        if stale_after < Duration::from_secs(10) {
-            return Err(PolicyError::Invalid {
-                field: "stale_after".into(),
-                why: "must be at least 10s (and longer than the agent's heartbeat interval)".into(),
-            });
-        }
+        let stale_after = match (raw.stale_after_seconds, &raw.stale_after) {
+            (Some(_), Some(_)) => {
+                return Err(PolicyError::Invalid {
+                    field: "stale_after".into(),
+                    why: "is the deprecated spelling of stale_after_seconds: give only stale_after_seconds".into(),
+                });
+            }
+            (None, Some(old)) => {
+                let d = duration("stale_after".into(), &Some(old.clone()), Duration::ZERO)?;
+                tracing::warn!(
+                    "policy stale_after = {old:?} is deprecated: write stale_after_seconds = {} (the agent's AGENTQ_STALE_AFTER_SECONDS)",
+                    d.as_secs_f64()
+                );
+                Some(d.as_secs_f64())
+            }
+            (seconds, None) => seconds,
+        };
+        let stale_after =
+            agentq_core::config::stale_after(stale_after).map_err(|e| PolicyError::Invalid {
+                field: "stale_after_seconds".into(),
+                why: match e {
+                    agentq_core::ConfigError::Invalid { value, why, .. } => {
+                        format!("{value} is out of range: {why}")
+                    }
+                    other => other.to_string(),
+                },
+            })?;
         let resend_after = duration(
             "resend_after".into(),
             &raw.resend_after,
@@ -318,7 +341,7 @@ impl Policy {
             .map(|(i, t)| (format!("tiers[{i}]"), t.name.clone(), t.queue_url.clone()))
             .chain(extra_tiers.iter().map(|(n, u)| {
                 (
-                    format!("--tier-queue {n}={u}"),
+                    format!("--tier-queues {n}={u}"),
                     n.to_string(),
                     u.to_string(),
                 )
@@ -408,7 +431,7 @@ impl Policy {
                 return Err(PolicyError::Invalid {
                     field: f("escalate_to"),
                     why: format!(
-                        "tier {t:?} is not configured; known tiers: {} (add it under [[tiers]] or with --tier-queue {t}=URL)",
+                        "tier {t:?} is not configured; known tiers: {} (add it under [[tiers]] or with --tier-queues {t}=URL)",
                         tiers
                             .iter()
                             .map(|t| t.name.as_str())
@@ -524,6 +547,11 @@ mod tests {
     fn defaults_and_file_values() {
         let p = Policy::build(&RawPolicy::default(), &[], "https://q/jobs").unwrap();
         assert_eq!(p.tiers.len(), 1);
+        // The agent's default, from core.
+        assert_eq!(
+            p.stale_after.as_secs_f64(),
+            agentq_core::config::DEFAULT_STALE_AFTER_SECONDS
+        );
         assert_eq!(
             p.cause(CauseKind::Crashed).max_delay,
             Duration::from_secs(900)
@@ -535,13 +563,13 @@ mod tests {
         assert_eq!(p.max_rate_limit_pauses, 10);
         assert_eq!(
             p.sweep.strand_after(p.stale_after),
-            Duration::from_secs(15 * 60 + 15 + 300)
+            Duration::from_secs(30 + 15 + 300)
         );
         assert!(p.escalation("default", CauseKind::TimedOut).is_none());
 
         let p = Policy::build(
             &raw(r#"
-                stale_after = "5m"
+                stale_after_seconds = 300
                 [causes.infra_transient]
                 base_delay = "1s"
                 max_delay = "1h"
@@ -562,12 +590,21 @@ mod tests {
             "https://q/large"
         );
         assert!(p.escalation("large", CauseKind::TimedOut).is_none());
+
+        // The deprecated duration spelling still works.
+        let p = Policy::build(&raw(r#"stale_after = "2m""#), &[], "https://q/jobs").unwrap();
+        assert_eq!(p.stale_after, Duration::from_secs(120));
     }
 
     #[test]
     fn errors_name_the_field() {
         let cases = [
             (r#"stale_after = "soon""#, "stale_after"),
+            ("stale_after_seconds = 0.1", "stale_after_seconds"),
+            (
+                "stale_after_seconds = 60\nstale_after = \"1m\"",
+                "stale_after_seconds",
+            ),
             (
                 "[causes.crashed]\nbase_delay = \"1h\"\nmax_delay = \"1m\"",
                 "causes.crashed.base_delay",

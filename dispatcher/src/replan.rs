@@ -273,9 +273,16 @@ impl Replanner {
             Some(r) => Some(r),
             None => self.store.get(job).await?,
         };
+        let mut resolved = None;
         for _ in 0..4 {
+            // Decide on the spec itself (its max_attempts, timeout, budget, resume, tier),
+            // also when the record keeps only its pointer; re-send what the record keeps.
+            let readable = match &rec {
+                Some(r) => Some(self.readable(r, &mut resolved).await?),
+                None => None,
+            };
             let now = now_ms();
-            match plan::decide(input, rec.as_ref(), &self.policy, now, &mut rng) {
+            match plan::decide(input, readable.as_ref(), &self.policy, now, &mut rng) {
                 Step::Drop { why } => {
                     return Ok(Outcome::Dropped {
                         job_id: job.to_string(),
@@ -404,6 +411,41 @@ impl Replanner {
             queue: None,
             delay_seconds: None,
         })
+    }
+
+    /// The record with its spec readable: a record that keeps a pointer (a spec too large
+    /// for a DynamoDB item, see [`agentq_core::payload::record_spec`]) gets the spec from
+    /// S3, once per re-plan (`cache`). A payload that cannot be read for good (expired,
+    /// deleted) leaves the record as it is: the plan then uses the default limits.
+    async fn readable(
+        &self,
+        rec: &agentq_core::JobRecord,
+        cache: &mut Option<(String, String)>,
+    ) -> Result<agentq_core::JobRecord, ReplanError> {
+        let Some(body) = rec
+            .spec
+            .as_deref()
+            .filter(|s| PayloadPointer::parse(s).is_some())
+        else {
+            return Ok(rec.clone());
+        };
+        let spec = match cache {
+            Some((ptr, spec)) if ptr == body => spec.clone(),
+            _ => match agentq_core::payload::resolve_body(&self.s3, body).await {
+                Ok(spec) => {
+                    *cache = Some((body.to_owned(), spec.clone()));
+                    spec
+                }
+                Err(e) if e.is_retryable() => return Err(e.into()),
+                Err(e) => {
+                    warn!(error = %e, "the record's spec is a pointer that cannot be read; planning with default limits");
+                    return Ok(rec.clone());
+                }
+            },
+        };
+        let mut readable = rec.clone();
+        readable.spec = Some(spec);
+        Ok(readable)
     }
 
     /// Sends the spec to `enq.queue_url`, delayed; above SQS' 900 s the rest of the

@@ -803,9 +803,17 @@ async fn the_binary_drains_the_dlq_with_a_policy_file() {
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, NO_DELAY).expect("write policy");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentq-dispatcher"))
-        .args(["replan", "--once", "--wait-seconds", "0", "--policy"])
+        .args([
+            "replan",
+            "--once",
+            "--wait-seconds",
+            "0",
+            "--output",
+            "json",
+            "--policy",
+        ])
         .arg(&policy)
-        .args(["--tier-queue", &format!("large={}", e.large_url)])
+        .args(["--tier-queues", &format!("large={}", e.large_url)])
         .envs(e.r.env())
         .output()
         .await
@@ -831,7 +839,11 @@ async fn the_binary_drains_the_dlq_with_a_policy_file() {
         .await
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(agentq_core::exit::USAGE)),
+        "{stderr}"
+    );
     assert!(stderr.contains("causes.crashed.base_delay"), "{stderr}");
 }
 
