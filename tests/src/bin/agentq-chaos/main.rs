@@ -261,7 +261,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match run(&cli, settings).await {
+    match Box::pin(run(&cli, settings)).await {
         Ok(summary) if summary.passed => std::process::ExitCode::SUCCESS,
         Ok(_) => std::process::ExitCode::from(1),
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
