@@ -61,6 +61,7 @@ enum Command {
     },
     /// Serve the Amazon Bedrock AgentCore Runtime HTTP contract: POST /invocations (an SQS
     /// event or a job spec), GET /ping.
+    #[command(after_help = agentq_core::exit::HELP)]
     Serve(Box<ServeArgs>),
     /// Run one job spec file with a simulated deadline (local debugging); the exit code
     /// says whether the job SUCCEEDED.

@@ -100,7 +100,12 @@ async fn a_timed_out_segment_resumes_on_the_large_tier_when_configured() {
         (JobState::Resuming, 2, Some("large")),
         "{rec:?}"
     );
-    let resume = rec.history.last().expect("a decision");
+    let resume = rec
+        .history
+        .iter()
+        .rev()
+        .find(|d| d.action != agentq_core::Action::Enqueued)
+        .expect("a decision");
     assert_eq!(resume.action, "resume", "{:?}", rec.history);
     assert_eq!(resume.queue.as_deref(), Some(large.as_str()));
     assert!(resume.reason.contains("on tier large"), "{}", resume.reason);
