@@ -311,7 +311,7 @@ fn the_large_function_runs_on_the_provider_with_the_longer_timeout() {
     .expect("an If");
     assert_eq!(vis[0], "LargeQueueOnManagedInstances");
     let on_mi = vis[1].as_u64().expect("a number");
-    assert!(on_mi >= 5400 && on_mi <= 43_200, "{on_mi}");
+    assert!((5400..=43_200).contains(&on_mi), "{on_mi}");
     assert_eq!(vis[2], json!({"!Ref": "QueueVisibilityTimeoutSeconds"}));
     // The mapping points at the alias of a published version (Managed Instances run versions).
     assert_eq!(
