@@ -11,6 +11,7 @@ pub mod delay;
 pub mod exit;
 pub mod failure;
 pub mod ids;
+pub mod invocation;
 pub mod layout;
 pub mod mapping;
 pub mod output;
