@@ -1,22 +1,29 @@
 //! agentq's core: the job spec and its validation, ids, the job state machine and failure
 //! causes, the storage layout (S3 keys, DynamoDB attributes), the jobs-table operations,
 //! the DLQ failure record and the SQS Extended Client payload format, and the one AWS
-//! configuration builder every binary uses.
+//! configuration builder every binary uses; and observability: EMF metrics, OTLP traces
+//! and state-change notifications (webhook, EventBridge).
 
 pub mod aws;
 pub mod config;
 pub mod failure;
+pub mod http;
 pub mod ids;
 pub mod layout;
+pub mod metrics;
+pub mod notify;
+pub mod observe;
 pub mod payload;
 pub mod record;
 pub mod spec;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 
 pub use config::{AwsClients, ConfigError, Settings, SettingsArgs, load_sdk_config};
 pub use ids::{Attempt, JobId};
 pub use layout::{Layout, Stream};
+pub use observe::{Observability, ObservabilityArgs, Service};
 pub use record::{Decision, JobRecord, Progress};
 pub use spec::{AgentPreset, JobSpec, SpecError, ValidSpec};
 pub use state::{FailureCause, JobState};

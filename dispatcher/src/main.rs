@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentq_core::{JobStore, Settings, SettingsArgs};
+use agentq_core::metrics::MetricsTarget;
+use agentq_core::{JobStore, Observability, ObservabilityArgs, Service, Settings, SettingsArgs};
 use agentq_dispatcher::deploy::{self, DeployArgs, DeployClients, OutputFormat};
 use agentq_dispatcher::poller::{self, PollOptions};
 use agentq_dispatcher::{Policy, RawPolicy, Replanner};
@@ -19,6 +20,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     settings: SettingsArgs,
+    #[command(flatten)]
+    observability: ObservabilityArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,6 +86,7 @@ async fn replanner(
     settings: &Settings,
     args: &PolicyArgs,
     sdk: &aws_config::SdkConfig,
+    obs: Observability,
 ) -> anyhow::Result<Replanner> {
     let mut raw = match &args.policy {
         Some(p) => RawPolicy::from_file(p)?,
@@ -99,7 +103,8 @@ async fn replanner(
         clients.s3,
         policy,
         settings.validation(),
-    ))
+    )
+    .with_observability(obs))
 }
 
 async fn shutdown_signal() {
@@ -122,7 +127,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let sdk = agentq_core::load_sdk_config().await;
     match cli.command {
         Command::Lambda { policy } => {
-            let r = replanner(&settings, &policy, &sdk).await?;
+            let obs = Observability::build(
+                &cli.observability,
+                Service::Dispatcher,
+                "default",
+                MetricsTarget::Stdout,
+                &sdk,
+            )?;
+            let r = replanner(&settings, &policy, &sdk, obs).await?;
             let r = &r;
             lambda_runtime::run(lambda_runtime::service_fn(
                 move |ev: lambda_runtime::LambdaEvent<aws_lambda_events::event::sqs::SqsEvent>| async move {
@@ -137,7 +149,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             once,
             wait_seconds,
         } => {
-            let r = replanner(&settings, &policy, &sdk).await?;
+            // stdout carries the final stats: metrics go to stderr unless told otherwise.
+            let obs = Observability::build(
+                &cli.observability,
+                Service::Dispatcher,
+                "default",
+                MetricsTarget::Stderr,
+                &sdk,
+            )?;
+            let r = replanner(&settings, &policy, &sdk, obs).await?;
             let opts = PollOptions {
                 dlq_url: settings.dlq_url()?.to_owned(),
                 wait_seconds: wait_seconds.unwrap_or(if once { 1 } else { 20 }),
