@@ -38,6 +38,8 @@ TEMPLATE = ROOT / "infra" / "template.yaml"
 DONE = {"CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE"}
 REQUIRED = ["QueueUrl", "DlqUrl", "TableName", "BucketName", "KeyPrefix", "SecretsPrefix"]
 DEMO_SECRET_VALUE = "demo-secret-value-1234"
+# infra/template.yaml's ImageConfig of the dispatcher function.
+DISPATCHER_IMAGE_CONFIG = {"EntryPoint": ["/opt/agentq/bin/agentq-dispatcher"], "Command": ["lambda"]}
 
 
 def log(msg: str) -> None:
@@ -288,7 +290,7 @@ class Provisioner:
         specs = [
             ("AgentFunctionName", "AgentAliasArn", "AgentEphemeralStorageMB"),
             ("LargeAgentFunctionName", "LargeAgentAliasArn", "LargeAgentEphemeralStorageMB"),
-            ("DispatcherFunctionName", None, None),
+            ("DispatcherFunctionName", "DispatcherAliasArn", None),
         ]
         for name_key, alias_key, storage_key in specs:
             name = out.get(name_key)
@@ -316,6 +318,12 @@ class Provisioner:
                 )
                 if cfg.get("Description"):
                     kwargs["Description"] = cfg["Description"]
+                image_config = (cfg.get("ImageConfigResponse") or {}).get("ImageConfig")
+                if name_key == "DispatcherFunctionName" and not image_config:
+                    # The template starts the dispatcher binary of the shared image.
+                    image_config = DISPATCHER_IMAGE_CONFIG
+                if image_config:
+                    kwargs["ImageConfig"] = image_config
                 lam.create_function(**kwargs)
                 lam.get_waiter("function_active_v2").wait(FunctionName=name)
             if alias_key:
@@ -534,6 +542,14 @@ def exports(out: dict[str, str]) -> list[str]:
     }
     if out.get("LargeQueueUrl"):
         env["AGENTQ_TIER_QUEUES"] = f"large={out['LargeQueueUrl']}"
+    # What `agentq-dispatcher deploy` needs besides the queues (stack outputs too).
+    for var, key in (
+        ("AGENTQ_REPOSITORY", "RepositoryName"),
+        ("AGENTQ_FUNCTION", "AgentFunctionName"),
+        ("AGENTQ_DISPATCHER_FUNCTION", "DispatcherFunctionName"),
+    ):
+        if out.get(key):
+            env[var] = out[key]
     return [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
 
 

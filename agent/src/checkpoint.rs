@@ -76,9 +76,10 @@ pub async fn save(
     let mut cmd = tar(identity);
     // current_dir, not `-C`: tar opens a `-C` directory for reading, and the workspace
     // root is only passable (0711) for the job's uid.
+    // gzip -1: a big workspace must be archived within the finalize's budget; the
+    // fastest level still shrinks text and transcripts several times.
     cmd.current_dir(&ws.root)
-        .arg("-czf")
-        .arg("-")
+        .args(["-I", "gzip -1", "-cf", "-"])
         .args(["home", "work"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -83,7 +83,14 @@ impl Deps {
         }
     }
 
-    /// The URL of the queue with this ARN (cached; GetQueueUrl on first use).
+    /// The URL of the queue with this ARN (an event's `eventSourceARN`), for visibility
+    /// heartbeats and deferred copies.
+    ///
+    /// No AWS call: the URL is one the agent is configured with (`AGENTQ_QUEUE_URL`,
+    /// `AGENTQ_DLQ_URL`) or one the poller remembered, matched on the queue's account and
+    /// name. Looking it up with `sqs:GetQueueUrl` would need a permission the function's
+    /// role does not otherwise need. `None` (with a warning) when no configured queue
+    /// matches: the message then keeps the queue's own visibility timeout.
     pub async fn queue_url_for(&self, arn: &str) -> Option<String> {
         if let Some(u) = self
             .queue_urls
@@ -93,27 +100,103 @@ impl Deps {
         {
             return Some(u);
         }
-        // arn:aws:sqs:REGION:ACCOUNT:NAME
-        let mut parts = arn.splitn(6, ':');
-        let (_, _, _, _, account, name) = (
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-            parts.next()?,
-        );
-        let url = self
-            .clients
-            .sqs
-            .get_queue_url()
-            .queue_name(name)
-            .queue_owner_aws_account_id(account)
-            .send()
-            .await
-            .ok()?
-            .queue_url?;
-        self.remember_queue(arn, &url);
-        Some(url)
+        let configured = [self.settings.queue_url().ok(), self.settings.dlq_url().ok()];
+        match configured
+            .into_iter()
+            .flatten()
+            .find(|url| queue_url_matches_arn(url, arn))
+        {
+            Some(url) => {
+                self.remember_queue(arn, url);
+                Some(url.to_owned())
+            }
+            None => {
+                tracing::warn!(
+                    queue_arn = arn,
+                    configured = ?configured,
+                    "the message comes from a queue the agent is not configured with \
+                     (set AGENTQ_QUEUE_URL to its URL): its visibility cannot be extended"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Whether `url` (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`, or an emulator's
+/// `http://HOST:PORT/ACCOUNT/NAME`) names the queue `arn` (`arn:PARTITION:sqs:REGION:ACCOUNT:NAME`):
+/// same account and name.
+pub fn queue_url_matches_arn(url: &str, arn: &str) -> bool {
+    let mut a = arn.split(':');
+    let (
+        Some("arn"),
+        Some(_partition),
+        Some("sqs"),
+        Some(_region),
+        Some(account),
+        Some(name),
+        None,
+    ) = (
+        a.next(),
+        a.next(),
+        a.next(),
+        a.next(),
+        a.next(),
+        a.next(),
+        a.next(),
+    )
+    else {
+        return false;
+    };
+    let path = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default();
+    let mut segs = path.trim_end_matches('/').rsplit('/');
+    let (Some(url_name), Some(url_account)) = (segs.next(), segs.next()) else {
+        return false;
+    };
+    !name.is_empty() && url_name == name && url_account == account
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ARN: &str = "arn:aws:sqs:us-east-1:123456789012:agentq-jobs";
+
+    #[test]
+    fn queue_urls_match_their_arn_by_account_and_name() {
+        for url in [
+            "https://sqs.us-east-1.amazonaws.com/123456789012/agentq-jobs",
+            "https://queue.amazonaws.com/123456789012/agentq-jobs",
+            "http://127.0.0.1:4599/123456789012/agentq-jobs",
+            "http://127.0.0.1:4599/123456789012/agentq-jobs/",
+        ] {
+            assert!(queue_url_matches_arn(url, ARN), "{url}");
+        }
+        for url in [
+            "https://sqs.us-east-1.amazonaws.com/123456789012/agentq-jobs-large",
+            "https://sqs.us-east-1.amazonaws.com/999999999999/agentq-jobs",
+            "https://sqs.us-east-1.amazonaws.com/agentq-jobs",
+            "agentq-jobs",
+        ] {
+            assert!(!queue_url_matches_arn(url, ARN), "{url}");
+        }
+        let fifo = "arn:aws-cn:sqs:cn-north-1:123456789012:jobs.fifo";
+        assert!(queue_url_matches_arn(
+            "https://sqs.cn-north-1.amazonaws.com.cn/123456789012/jobs.fifo",
+            fifo
+        ));
+        assert!(!queue_url_matches_arn(
+            "https://sqs.us-east-1.amazonaws.com/123456789012/agentq-jobs",
+            "arn:aws:sns:us-east-1:123456789012:agentq-jobs"
+        ));
+        assert!(!queue_url_matches_arn(
+            "https://sqs.us-east-1.amazonaws.com/123456789012/agentq-jobs",
+            "not an arn"
+        ));
     }
 }

@@ -1,8 +1,17 @@
-//! Streaming redaction of secret values. A secret split across two writes or two chunks
-//! is still caught: the redactor holds back the shortest tail that could be the start of
-//! a secret until the next chunk (or the end of the stream) decides.
+//! Streaming redaction of secret values in every form the tools of a job print them
+//! (raw, line by line, JSON-escaped, URL-encoded, base64: [`forms`]). A secret split
+//! across two writes or two chunks is still caught: the redactor holds back the shortest
+//! tail that could be the start of a form until the next chunk (or the end of the stream)
+//! decides. Streaming gives exactly what [`Redactor::redact_bytes`] gives on the whole
+//! text, whatever the chunking.
 
-use aho_corasick::{AhoCorasick, MatchKind};
+mod forms;
+mod tail;
+
+use aho_corasick::{AhoCorasick, AhoCorasickKind, Input, MatchKind};
+
+pub use forms::{MIN_FRAGMENT_LEN, MIN_LINE_LEN, base64, base64_core, forms, secret_lines};
+use tail::{PrefixAutomaton, ROOT};
 
 /// What replaces a secret value.
 pub const MASK: &[u8] = b"[REDACTED]";
@@ -11,13 +20,90 @@ pub const MASK: &[u8] = b"[REDACTED]";
 /// agent refuses to start a job with such a secret instead (see `secrets`).
 pub const MIN_SECRET_LEN: usize = 4;
 
-/// A stream redactor; one per output stream.
-#[derive(Debug)]
+/// A stream redactor; one per output stream. `Debug` shows counts, never a secret.
 pub struct Redactor {
-    secrets: Vec<Vec<u8>>,
-    matcher: Option<AhoCorasick>,
+    matcher: Option<Matcher>,
     carry: Vec<u8>,
-    max_len: usize,
+    /// The prefix automaton's state after everything pushed so far.
+    state: u32,
+}
+
+/// Finds forms leftmost-longest, as one Aho–Corasick search over every form would, but
+/// fast: a small DFA over the first [`PREFILTER_LEN`] bytes of every form finds where a
+/// form may start, and a walk down the trie of whole forms decides there. (With hundreds
+/// of long forms, one search over all of them runs an NFA over every byte, several times
+/// slower, and takes longer to build than the job's child takes to start.)
+struct Matcher {
+    prefilter: AhoCorasick,
+    tail: PrefixAutomaton,
+    patterns: Vec<Vec<u8>>,
+}
+
+/// Where a form was found.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+/// How many leading bytes of each form the prefilter looks for.
+const PREFILTER_LEN: usize = 8;
+
+impl Matcher {
+    fn new(patterns: Vec<Vec<u8>>) -> Self {
+        let mut starts: Vec<&[u8]> = patterns
+            .iter()
+            .map(|p| &p[..p.len().min(PREFILTER_LEN)])
+            .collect();
+        starts.sort_unstable();
+        starts.dedup();
+        Self {
+            prefilter: AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostFirst)
+                .kind(Some(AhoCorasickKind::DFA))
+                .build(&starts)
+                .expect("literal patterns always build"),
+            tail: PrefixAutomaton::new(&patterns),
+            patterns,
+        }
+    }
+
+    /// The leftmost-longest form in `hay` starting at or after `from`.
+    fn find(&self, hay: &[u8], mut from: usize) -> Option<Span> {
+        while from < hay.len() {
+            let start = self.prefilter.find(Input::new(hay).range(from..))?.start();
+            if let Some(len) = self.tail.longest_at(&hay[start..]) {
+                return Some(Span {
+                    start,
+                    end: start + len,
+                });
+            }
+            from = start + 1;
+        }
+        None
+    }
+
+    fn find_iter<'a>(&'a self, hay: &'a [u8]) -> impl Iterator<Item = Span> + 'a {
+        let mut from = 0;
+        std::iter::from_fn(move || {
+            let m = self.find(hay, from)?;
+            // Forms are never empty, so this always moves on.
+            from = m.end;
+            Some(m)
+        })
+    }
+}
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redactor")
+            .field(
+                "patterns",
+                &self.matcher.as_ref().map_or(0, |m| m.patterns.len()),
+            )
+            .field("held_back", &self.carry.len())
+            .finish()
+    }
 }
 
 impl Redactor {
@@ -26,62 +112,64 @@ impl Redactor {
         I: IntoIterator<Item = S>,
         S: AsRef<[u8]>,
     {
-        let mut secrets: Vec<Vec<u8>> = secrets
+        let mut patterns: Vec<Vec<u8>> = secrets
             .into_iter()
-            .map(|s| s.as_ref().to_vec())
-            .filter(|s| s.len() >= MIN_SECRET_LEN)
+            .filter(|s| s.as_ref().len() >= MIN_SECRET_LEN)
+            .flat_map(|s| forms(s.as_ref()))
+            .filter(|f| f.len() >= MIN_SECRET_LEN)
             .collect();
-        secrets.sort();
-        secrets.dedup();
-        let matcher = (!secrets.is_empty()).then(|| {
-            AhoCorasick::builder()
-                .match_kind(MatchKind::LeftmostLongest)
-                .build(&secrets)
-                .expect("literal patterns always build")
-        });
-        let max_len = secrets.iter().map(Vec::len).max().unwrap_or(0);
+        patterns.sort();
+        patterns.dedup();
+        let matcher = (!patterns.is_empty()).then(|| Matcher::new(patterns));
         Self {
-            secrets,
             matcher,
             carry: Vec::new(),
-            max_len,
+            state: ROOT,
         }
+    }
+
+    /// Every literal this redactor masks (the forms of every secret), sorted.
+    pub fn patterns(&self) -> &[Vec<u8>] {
+        self.matcher.as_ref().map_or(&[], |m| &m.patterns)
+    }
+
+    /// Bytes held back, waiting for the next chunk: always less than the longest form.
+    pub fn held_back(&self) -> usize {
+        self.carry.len()
     }
 
     /// Redacts `chunk`, returning what can be released now.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
-        let Some(matcher) = &self.matcher else {
+        let Some(m) = &self.matcher else {
             return chunk.to_vec();
         };
+        self.state = m.tail.advance(self.state, chunk);
         let mut buf = std::mem::take(&mut self.carry);
         buf.extend_from_slice(chunk);
-        let matches: Vec<(usize, usize)> = matcher
-            .find_iter(&buf)
-            .map(|m| (m.start(), m.end()))
-            .collect();
-        // Hold back the earliest suffix that could still grow into a (longer) secret...
-        let start = buf.len().saturating_sub(self.max_len.saturating_sub(1));
-        let mut hold = (start..buf.len())
-            .find(|&i| {
-                let tail = &buf[i..];
-                self.secrets
-                    .iter()
-                    .any(|s| s.len() > tail.len() && s.starts_with(tail))
-            })
-            .unwrap_or(buf.len());
-        // ...and any match that straddles that point, so it is judged whole next time.
-        for &(s, e) in matches.iter().rev() {
-            if s < hold && hold < e {
-                hold = s;
-            }
+        // Hold back the longest suffix that could still grow into a form. (When that
+        // suffix began inside a match already released, holding all of `buf` is merely
+        // cautious: nothing is released that a longer view could change.)
+        let hold = buf.len() - m.tail.pending(self.state).min(buf.len());
+        if hold == 0 {
+            // A secret being written piece by piece: nothing to decide yet, and no
+            // rescan of what is held back.
+            self.carry = buf;
+            return Vec::new();
         }
-        let mut out = Vec::with_capacity(hold);
+        let mut out = Vec::with_capacity(buf.len());
         let mut at = 0;
-        for &(s, e) in matches.iter().filter(|(_, e)| *e <= hold) {
-            out.extend_from_slice(&buf[at..s]);
+        for mat in m.find_iter(&buf) {
+            if mat.start >= hold {
+                break;
+            }
+            // A match that starts before `hold` is final: no longer form starts there
+            // (else `hold` would be at or before it), so it goes out whole even when it
+            // ends past `hold`.
+            out.extend_from_slice(&buf[at..mat.start]);
             out.extend_from_slice(MASK);
-            at = e;
+            at = mat.end;
         }
+        let hold = hold.max(at);
         out.extend_from_slice(&buf[at..hold]);
         self.carry = buf.split_off(hold);
         out
@@ -89,21 +177,39 @@ impl Redactor {
 
     /// The end of the stream: releases what was held back, redacted.
     pub fn finish(&mut self) -> Vec<u8> {
+        self.state = ROOT;
         let carry = std::mem::take(&mut self.carry);
+        self.redact_bytes(&carry)
+    }
+
+    /// Redacts a whole text at once.
+    pub fn redact_bytes(&self, text: &[u8]) -> Vec<u8> {
         match &self.matcher {
-            Some(m) => m.replace_all_bytes(&carry, &vec![MASK; self.secrets.len()]),
-            None => carry,
+            Some(m) => {
+                let mut out = Vec::with_capacity(text.len());
+                let mut at = 0;
+                for mat in m.find_iter(text) {
+                    out.extend_from_slice(&text[at..mat.start]);
+                    out.extend_from_slice(MASK);
+                    at = mat.end;
+                }
+                out.extend_from_slice(&text[at..]);
+                out
+            }
+            None => text.to_vec(),
         }
     }
 
     /// Redacts a whole text at once (for reasons and messages).
     pub fn redact_str(&self, s: &str) -> String {
-        match &self.matcher {
-            Some(m) => {
-                let mask = String::from_utf8_lossy(MASK).into_owned();
-                m.replace_all(s, &vec![mask; self.secrets.len()])
-            }
-            None => s.to_owned(),
+        if self.matcher.is_none() {
+            return s.to_owned();
+        }
+        // Every form of a UTF-8 secret is UTF-8, so a match never splits a character;
+        // the lossy path is for secrets that are not UTF-8.
+        match String::from_utf8(self.redact_bytes(s.as_bytes())) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         }
     }
 }

@@ -554,3 +554,39 @@ async fn codex_tool_job_leaves_an_artifact_and_records_turns_and_tokens() {
     );
     assert_workspace_gone(w.root.path()).await;
 }
+
+#[tokio::test]
+async fn claude_code_rate_limited_to_the_end_is_a_rate_limit_not_a_failure() {
+    // Every request is refused with a 429 (retry after 1 s, limits reset in 120 s): the
+    // CLI retries on its own, gives up, and the attempt is classified `rate_limited` with
+    // the reset time, for the dispatcher to pause the job rather than count a failure.
+    let script = Script::new().then_always(Turn::rate_limit(1, 120));
+    let w = World::new(script, false).await;
+    let job = "claude-rate-limited";
+    let (spec, _) = w.claude_spec(job, "Say hello.", json!({})).await;
+    let before = agentq_core::record::now_ms();
+    let rec = w.run(job, &spec).await;
+    assert_eq!(rec.status, JobState::Failed, "{}", w.explain(job).await);
+    assert_eq!(
+        rec.cause.as_deref(),
+        Some("rate_limited"),
+        "{}",
+        w.explain(job).await
+    );
+    let reason = rec.reason.as_deref().unwrap_or("");
+    assert!(reason.contains("rate-limited"), "{reason}");
+    // Stopped after a few refusals, not after the CLI's ten growing retries.
+    let tries = w.server.turn_requests().await.len();
+    assert!(tries <= 6, "{tries} requests: the job was not paused early");
+    // The failure record carries when to try again.
+    let dlq = w.r.drain(&w.r.dlq_url).await;
+    let agentq_core::failure::DlqMessage::Failure(f) =
+        agentq_core::failure::DlqMessage::parse(&dlq[0])
+    else {
+        panic!("{dlq:?}")
+    };
+    let agentq_core::FailureCause::RateLimited { reset_at } = f.cause else {
+        panic!("{:?}", f.cause)
+    };
+    assert!(reset_at.is_some_and(|t| t > before), "{reset_at:?}");
+}

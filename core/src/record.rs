@@ -43,6 +43,88 @@ pub struct Progress {
     pub events: u64,
 }
 
+impl Progress {
+    /// Most turns recorded (a child's `num_turns` beyond this is not believed).
+    pub const MAX_TURNS: u32 = 1_000_000;
+    /// Most input or output tokens recorded: 10^12, far past any real session, far
+    /// inside DynamoDB's and JSON consumers' number range.
+    pub const MAX_TOKENS: u64 = 1_000_000_000_000;
+    /// Largest cost recorded, in USD.
+    pub const MAX_COST_USD: f64 = 1_000_000.0;
+    /// Smallest positive cost recorded; below it a cost counts as 0 (DynamoDB refuses
+    /// numbers under 1e-130, and sub-nanodollar amounts mean nothing).
+    pub const MIN_COST_USD: f64 = 1e-9;
+    /// Longest `last_event`, in bytes.
+    pub const MAX_LAST_EVENT_LEN: usize = 128;
+    /// Longest `session_id`, in bytes.
+    pub const MAX_SESSION_ID_LEN: usize = 128;
+
+    /// Brings every field a child's events set into range, so that a hostile or broken
+    /// child cannot make a progress write fail (`ValidationException`) or bloat the
+    /// item: counts capped, cost finite and within range, `last_event` without control
+    /// characters and capped, a `session_id` that is not [a session id](Self::session_id_ok)
+    /// dropped. Idempotent.
+    pub fn clamp(&mut self) {
+        self.turns = self.turns.min(Self::MAX_TURNS);
+        self.input_tokens = self.input_tokens.min(Self::MAX_TOKENS);
+        self.output_tokens = self.output_tokens.min(Self::MAX_TOKENS);
+        self.cost_usd = Self::clamp_cost(self.cost_usd);
+        if let Some(e) = &self.last_event {
+            self.last_event = Some(clean_text(e, Self::MAX_LAST_EVENT_LEN));
+        }
+        if self
+            .session_id
+            .as_deref()
+            .is_some_and(|s| !Self::session_id_ok(s))
+        {
+            self.session_id = None;
+        }
+    }
+
+    /// A cost as recorded: NaN, infinite, negative or below [`Self::MIN_COST_USD`] → 0;
+    /// above [`Self::MAX_COST_USD`] → that maximum.
+    pub fn clamp_cost(c: f64) -> f64 {
+        if !c.is_finite() || c < Self::MIN_COST_USD {
+            0.0
+        } else {
+            c.min(Self::MAX_COST_USD)
+        }
+    }
+
+    /// Whether `s` can be kept as a session id (and later passed to the agent CLI as
+    /// `--resume ID`): 1–[`Self::MAX_SESSION_ID_LEN`] characters of `A-Z a-z 0-9 . _ : -`,
+    /// not starting with `-` (it would read as an option). Claude Code's and Codex' ids
+    /// are UUIDs. A truncated or cleaned-up id would name another session, so an id
+    /// that fails this is dropped rather than repaired.
+    pub fn session_id_ok(s: &str) -> bool {
+        !s.is_empty()
+            && s.len() <= Self::MAX_SESSION_ID_LEN
+            && !s.starts_with('-')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+    }
+}
+
+/// `s` without control characters, cut to at most `max` bytes on a character boundary
+/// (ending in `…` when cut).
+pub fn clean_text(s: &str, max: usize) -> String {
+    const ELLIPSIS: char = '…';
+    let cleaned: String = s.chars().filter(|c| !c.is_control()).collect();
+    if cleaned.len() <= max {
+        return cleaned;
+    }
+    let (mut end, tail) = match max.checked_sub(ELLIPSIS.len_utf8()) {
+        Some(room) => (room, Some(ELLIPSIS)),
+        None => (max, None),
+    };
+    while !cleaned.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = cleaned[..end].to_owned();
+    out.extend(tail);
+    out
+}
+
 /// One attempt's summary, kept under `attempts.{n}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

@@ -42,7 +42,8 @@ struct PolicyArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run as the Lambda function behind the DLQ's event source mapping.
+    /// Run as the Lambda function behind the DLQ's event source mapping (the default
+    /// when AWS_LAMBDA_RUNTIME_API is set and no command is given).
     Lambda {
         #[command(flatten)]
         policy: PolicyArgs,
@@ -182,7 +183,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
             .collect();
-            let report = deploy::run(&clients, &args, settings.queue_url()?, &root, &env).await?;
+            let queues = deploy::Queues {
+                jobs: settings.queue_url().ok().map(str::to_owned),
+                dlq: settings.dlq_url().ok().map(str::to_owned),
+            };
+            let report = deploy::run(&clients, &args, &queues, &root, &env).await?;
             match args.output {
                 OutputFormat::Human => print!("{}", report.render()),
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -192,9 +197,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The command line, with `lambda` as the command when there is none and the Lambda
+/// Runtime API is set: the function's image starts the binary without arguments.
+fn command_line() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = std::env::args_os().collect();
+    if args.len() == 1 && std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
+        args.push("lambda".into());
+    }
+    args
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(command_line());
     init_tracing();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

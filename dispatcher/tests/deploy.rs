@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use agentq_dispatcher::DeployError;
 use agentq_dispatcher::deploy::builder::{self, BuilderChoice};
-use agentq_dispatcher::deploy::{self, Action, DeployArgs, DeployClients, DeployReport};
+use agentq_dispatcher::deploy::{
+    self, Action, DeployArgs, DeployClients, DeployReport, Queues, Role,
+};
 use agentq_testkit::{ResourceOptions, Resources, emulator, resources_with, unique};
 use clap::Parser;
 
@@ -94,6 +96,17 @@ async fn fixture(visibility: u32) -> Fixture {
         visibility_timeout: visibility,
     })
     .await;
+    // The DLQ is the dispatcher function's event source: the same rule applies to it.
+    aws_sdk_sqs::Client::new(&r.sdk)
+        .set_queue_attributes()
+        .queue_url(&r.dlq_url)
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
+            visibility.to_string(),
+        )
+        .send()
+        .await
+        .expect("DLQ visibility");
     Fixture {
         c: DeployClients::new(&r.sdk),
         function: unique("fn"),
@@ -116,7 +129,10 @@ impl Fixture {
         deploy::run(
             &self.c,
             &args(&argv),
-            &self.r.queue_url,
+            &Queues {
+                jobs: Some(self.r.queue_url.clone()),
+                dlq: Some(self.r.dlq_url.clone()),
+            },
             &agentq_testkit::repo_root(),
             &vec![("AGENTQ_QUEUE_URL".into(), self.r.queue_url.clone())],
         )
@@ -325,7 +341,7 @@ async fn deploy_bootstraps_updates_in_place_and_is_idempotent() {
     assert_eq!(step(&report, "event-source"), Action::Create);
     assert_eq!(f.image_uri().await, Some(format!("{repo_uri}@{d1}")));
     let v1 = f.live_version().await;
-    assert_eq!(report.version.as_deref(), Some(v1.as_str()));
+    assert_eq!(report.functions[0].version.as_deref(), Some(v1.as_str()));
     let m = f.mapping().await;
     let uuid = m.uuid().expect("uuid").to_owned();
     assert_eq!(m.batch_size(), Some(5));
@@ -338,7 +354,10 @@ async fn deploy_bootstraps_updates_in_place_and_is_idempotent() {
         m.scaling_config().and_then(|s| s.maximum_concurrency()),
         Some(5)
     );
-    assert_eq!(report.mapping_uuid.as_deref(), Some(uuid.as_str()));
+    assert_eq!(
+        report.functions[0].mapping_uuid.as_deref(),
+        Some(uuid.as_str())
+    );
 
     // Again with nothing changed: every step is in place, nothing is written.
     let before = f.listing().await;
@@ -528,7 +547,7 @@ async fn the_image_build_or_a_clear_no_builder_error() {
     match builder::detect(BuilderChoice::Auto).await {
         Err(DeployError::NoBuilder { detail }) => {
             eprintln!(
-                "SKIPPED image build: no container engine here ({detail}); checking the error instead"
+                "no container engine here ({detail}): checking the error a real deploy gives"
             );
             let f = fixture(6 * 60).await;
             let role = create_role(&f.r.endpoint, &unique("agentq-role"));
@@ -547,9 +566,15 @@ async fn the_image_build_or_a_clear_no_builder_error() {
             eprintln!("building the agent image with {engine:?}");
             let dir = tempfile::tempdir().expect("tempdir");
             let bin = agentq_testkit::binary("agentq-agent");
-            builder::prepare_context(&agentq_testkit::repo_root().join("agent"), &bin, dir.path())
-                .await
-                .expect("context");
+            let dispatcher = agentq_testkit::binary("agentq-dispatcher");
+            builder::prepare_context_with(
+                &agentq_testkit::repo_root().join("agent"),
+                &bin,
+                Some(&dispatcher),
+                dir.path(),
+            )
+            .await
+            .expect("context");
             builder::build(
                 engine,
                 &format!("agentq-agent:{}", unique("test")),
@@ -626,5 +651,195 @@ async fn the_binary_prints_a_json_plan_on_dry_run() {
             .send()
             .await
             .is_err()
+    );
+}
+
+/// One image, two functions: the dispatcher function is moved to the same image as the
+/// agent, gets its own version and `live` alias, and the DLQ as its event source.
+#[tokio::test]
+async fn deploy_moves_the_dispatcher_function_with_the_dlq_as_its_event_source() {
+    let f = fixture(6 * 60).await;
+    let role = create_role(&f.r.endpoint, &unique("agentq-role"));
+    put_image_after_bootstrap(&f).await;
+    let dispatcher = unique("fn-dispatcher");
+    let report = f
+        .deploy(&[
+            "--dispatcher-function",
+            &dispatcher,
+            "--image-tag",
+            "v1",
+            "--create-function",
+            "--role-arn",
+            &role,
+            "--timeout",
+            "60",
+        ])
+        .await
+        .expect("deploy both");
+    let roles: Vec<(Role, &str, &str)> = report
+        .functions
+        .iter()
+        .map(|x| (x.role, x.function.as_str(), x.queue_url.as_str()))
+        .collect();
+    assert_eq!(
+        roles,
+        vec![
+            (Role::Agent, f.function.as_str(), f.r.queue_url.as_str()),
+            (Role::Dispatcher, dispatcher.as_str(), f.r.dlq_url.as_str()),
+        ]
+    );
+    // The dispatcher's entrypoint is its own binary in the shared image.
+    let conf =
+        f.c.lambda
+            .get_function_configuration()
+            .function_name(&dispatcher)
+            .send()
+            .await
+            .expect("dispatcher function");
+    let image = conf.image_config_response().and_then(|r| r.image_config());
+    assert_eq!(
+        image.map(|i| (i.entry_point().to_vec(), i.command().to_vec())),
+        Some((
+            vec!["/opt/agentq/bin/agentq-dispatcher".to_owned()],
+            vec!["lambda".to_owned()]
+        )),
+        "{conf:?}"
+    );
+    let dlq_arn =
+        agentq_testkit::queue_arn(&aws_sdk_sqs::Client::new(&f.r.sdk), &f.r.dlq_url).await;
+    let ms =
+        f.c.lambda
+            .list_event_source_mappings()
+            .event_source_arn(&dlq_arn)
+            .send()
+            .await
+            .expect("mappings");
+    let m = &ms.event_source_mappings()[0];
+    assert_eq!(ms.event_source_mappings().len(), 1);
+    assert!(
+        m.function_arn().is_some_and(|a| a.contains(&dispatcher)),
+        "{m:?}"
+    );
+    assert_eq!(m.batch_size(), Some(deploy::DISPATCHER_BATCH_SIZE));
+    assert_eq!(
+        m.scaling_config().and_then(|s| s.maximum_concurrency()),
+        Some(deploy::DISPATCHER_MAX_CONCURRENCY)
+    );
+    assert_eq!(m.state(), Some("Disabled"));
+    // Again, only the dispatcher: nothing to change.
+    let again = f
+        .deploy(&[
+            "--dispatcher-function",
+            &dispatcher,
+            "--only",
+            "dispatcher",
+            "--image-tag",
+            "v1",
+        ])
+        .await
+        .expect("again");
+    assert_eq!(again.functions.len(), 1);
+    assert!(!again.changes(), "{}", again.render());
+}
+
+/// The first deployment pushes before any function exists: `--push-only` needs no
+/// function and no queue, and touches neither.
+#[tokio::test]
+async fn push_only_resolves_the_image_without_functions_or_queues() {
+    let f = fixture(6 * 60).await;
+    put_image_after_bootstrap(&f).await;
+    let before = f.listing().await;
+    let report = deploy::run(
+        &f.c,
+        &args(&[
+            "--function",
+            &f.function,
+            "--repository",
+            &f.repo,
+            "--push-only",
+            "--image-tag",
+            "v1",
+        ]),
+        &Queues::default(),
+        &agentq_testkit::repo_root(),
+        &Vec::new(),
+    )
+    .await
+    .expect("push only");
+    assert!(report.functions.is_empty());
+    assert!(
+        report
+            .image_uri
+            .as_deref()
+            .is_some_and(|u| u.contains("@sha256:")),
+        "{report:?}"
+    );
+    assert!(report.render().contains("image: "), "{}", report.render());
+    assert_eq!(f.listing().await, before);
+}
+
+/// Without a container engine a dry run still prints the whole plan and exits 0, with
+/// the build marked as not checked; with one, the build is checked.
+#[tokio::test]
+async fn a_dry_run_without_an_engine_prints_the_whole_plan() {
+    let f = fixture(6 * 60).await;
+    let role = create_role(&f.r.endpoint, &unique("agentq-role"));
+    put_image_after_bootstrap(&f).await;
+    let dispatcher = unique("fn-dispatcher");
+    for only in ["agent", "dispatcher"] {
+        f.deploy(&[
+            "--dispatcher-function",
+            &dispatcher,
+            "--only",
+            only,
+            "--image-tag",
+            "v1",
+            "--create-function",
+            "--role-arn",
+            &role,
+            "--timeout",
+            "60",
+        ])
+        .await
+        .expect("functions exist");
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentq-dispatcher"))
+        .args([
+            "deploy",
+            "--dry-run",
+            "--repository",
+            &f.repo,
+            "--tag",
+            "next",
+        ])
+        .env("AGENTQ_FUNCTION", &f.function)
+        .env("AGENTQ_DISPATCHER_FUNCTION", &dispatcher)
+        .envs(f.r.env())
+        .output()
+        .await
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "dry run",
+        "[build    ] image",
+        &format!("{}: function-code", f.function),
+        &format!("{}: version", f.function),
+        &format!("{}: alias", f.function),
+        &format!("{}: event-source", f.function),
+        &format!("{dispatcher}: function-code"),
+        &format!("{dispatcher}: event-source"),
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} in:\n{stdout}");
+    }
+    let engine = builder::detect(BuilderChoice::Auto).await;
+    assert_eq!(
+        engine.is_err(),
+        stdout.contains("not checked: no container engine"),
+        "{stdout}"
     );
 }

@@ -115,6 +115,31 @@ pub enum Command {
     /// flagged and its agent stops it at the next heartbeat.
     #[command(after_help = EXIT_CODES_HELP)]
     Cancel(CancelArgs),
+    /// Serve a local web dashboard until Ctrl-C: jobs with filters and live updates, a
+    /// job's progress, attempts, decisions, cost chart and live logs, failures and the
+    /// DLQ, and cancel. Open the address it prints.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Dashboard(DashboardArgs),
+}
+
+/// `agentq dashboard`.
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// Address to listen on. The dashboard has no login: keep it on loopback (use an SSH
+    /// tunnel to reach it from elsewhere). Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = crate::dashboard::DEFAULT_LISTEN, env = "AGENTQ_DASHBOARD_LISTEN")]
+    pub listen: std::net::SocketAddr,
+    /// How often pages and live log streams poll AWS, e.g. 2s or 500ms (200ms to 60s).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub refresh: Duration,
+    /// Also answer to this Host name (`name` or `name:port`), e.g. behind a reverse proxy
+    /// or a tunnel that rewrites Host (repeatable). Other names are refused, which stops
+    /// DNS-rebinding pages.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_hosts: Vec<String>,
+    /// Job pages that can stream live logs at once.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_streams: u16,
 }
 
 /// `agentq submit`.
@@ -388,6 +413,7 @@ pub async fn run(cli: Cli, deps: &Deps) -> Result<Outcome, ProducerError> {
             Ok(Outcome::Job(rec.status))
         }
         Command::Logs(a) => logs(&base, a, json).await,
+        Command::Dashboard(a) => dashboard(base, a).await,
         Command::List(a) => {
             let recs = base.list(&a.status, a.limit as usize).await?;
             let rows: Vec<ListRow> = recs.iter().map(ListRow::new).collect();
@@ -442,6 +468,48 @@ pub async fn run(cli: Cli, deps: &Deps) -> Result<Outcome, ProducerError> {
             }
             Ok(Outcome::Done)
         }
+    }
+}
+
+/// Binds, prints the address, serves until Ctrl-C or SIGTERM.
+async fn dashboard(producer: Producer, a: DashboardArgs) -> Result<Outcome, ProducerError> {
+    let opts = crate::dashboard::DashboardOptions {
+        refresh: a.refresh,
+        allow_hosts: a.allow_hosts,
+        max_streams: a.max_streams.into(),
+    };
+    let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
+        ProducerError::Input(format!(
+            "cannot listen on {}: {e}: pick a free port with --listen 127.0.0.1:PORT",
+            a.listen
+        ))
+    })?;
+    let addr = listener.local_addr()?;
+    let dash = crate::dashboard::Dashboard::new(producer, opts, addr)?;
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "warning: listening on {addr}, beyond this machine; the dashboard has no login and anyone who can reach it can cancel jobs"
+        );
+    }
+    eprintln!("agentq dashboard on http://{addr}/ (Ctrl-C to stop)");
+    dash.serve(listener, shutdown_signal()).await?;
+    eprintln!("agentq dashboard stopped");
+    Ok(Outcome::Done)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
     }
 }
 

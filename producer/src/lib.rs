@@ -7,6 +7,7 @@
 //!   through S3 as an Amazon SQS Extended Client pointer.
 //! - [`Producer::status`], [`Producer::list`], [`Producer::cancel`], [`Producer::wait`] and
 //!   [`Producer::logs`] read and steer jobs.
+//! - [`dashboard`] is the local web UI behind `agentq dashboard`.
 //! - [`cli`] holds the `agentq` command line and its testable entry point [`cli::run`].
 //!
 //! Errors are one enum, [`ProducerError`], whose variants carry context, say what to do
@@ -40,6 +41,7 @@
 
 pub mod batch;
 pub mod cli;
+pub mod dashboard;
 pub mod error;
 pub mod logs;
 pub mod output;

@@ -83,6 +83,10 @@ struct Manifest<'a> {
     killed: bool,
     stop_reason: Option<StopReason>,
     started_at: EpochMillis,
+    /// When the child was spawned (after prepare: secrets, workspace, restore).
+    child_started_at: EpochMillis,
+    /// When the child ended (the finalize starts here).
+    child_ended_at: EpochMillis,
     finished_at: EpochMillis,
     duration_ms: u64,
     child_deadline_at: EpochMillis,
@@ -127,7 +131,7 @@ const TAIL: Duration = Duration::from_millis(1500);
 
 /// What the finalize needs besides uploads (final write, failure record, manifest, and a
 /// margin): the supervisor keeps at least the grace period plus this before the deadline.
-pub(super) const FINAL_OVERHEAD: Duration = Duration::from_secs(3);
+pub(super) const FINAL_OVERHEAD: Duration = Duration::from_secs(4);
 
 /// An attempt that ended before its child started: the final write and the failure
 /// record only.
@@ -212,8 +216,12 @@ pub(super) async fn finalize(
 
     // 2. The checkpoint, when the next segment will need it.
     let t = Instant::now();
-    let checkpoint_key = match (&written, &cause, &sup.progress.session_id) {
-        (Written::Yes, Some(FailureCause::TimedOut { resumable: true }), Some(session)) => {
+    let paused = matches!(
+        cause,
+        Some(FailureCause::TimedOut { resumable: true }) | Some(FailureCause::RateLimited { .. })
+    ) && input.spec.resume_policy() == ResumePolicy::Auto;
+    let checkpoint_key = match (&written, paused, &sup.progress.session_id) {
+        (Written::Yes, true, Some(session)) => {
             let store = checkpoint::Store {
                 s3: &deps.clients.s3,
                 bucket: &bucket,
@@ -299,6 +307,8 @@ pub(super) async fn finalize(
         killed: sup.ended.killed,
         stop_reason: sup.stop,
         started_at: clock.started_ms,
+        child_started_at: epoch_of(sup.child_started),
+        child_ended_at: epoch_of(sup.child_ended),
         finished_at: finished_ms,
         duration_ms: (finished_ms - clock.started_ms).max(0) as u64,
         child_deadline_at: epoch_of(sup.child_deadline),
@@ -537,6 +547,23 @@ fn classify(
                 spec.spec.max_budget_usd.unwrap_or_default()
             ),
         ),
+        Some(StopReason::RateLimited) => {
+            let reset_at = match signal {
+                Some(CliSignal::RateLimited { reset_at }) => reset_at,
+                _ => None,
+            };
+            let cause = FailureCause::RateLimited { reset_at };
+            (
+                cause.final_state(),
+                Some(cause),
+                format!(
+                    "the model API rate-limited the agent; child stopped to pause the job ({how}{killed}){}",
+                    reset_at
+                        .map(|t| format!("; retry after {}", agentq_core::record::rfc3339(t)))
+                        .unwrap_or_default()
+                ),
+            )
+        }
         Some(StopReason::Deadline) | Some(StopReason::Shutdown) | Some(StopReason::LeaseLost) => {
             let resumable =
                 progress.session_id.is_some() && spec.resume_policy() == ResumePolicy::Auto;
@@ -572,7 +599,7 @@ fn classify(
                 ),
             ),
             Some(CliSignal::RateLimited { reset_at }) => (
-                JobState::Failed,
+                FailureCause::RateLimited { reset_at }.final_state(),
                 Some(FailureCause::RateLimited { reset_at }),
                 format!(
                     "the model API rate-limited the agent ({how}){}",

@@ -67,6 +67,9 @@ pub enum StopReason {
     Shutdown,
     /// The job's spend reached `max_budget_usd`.
     Budget,
+    /// The model API kept refusing with rate limits: pause the job rather than let the
+    /// CLI wait out the limit on the clock.
+    RateLimited,
 }
 
 /// Runs a claimed job to its end: prepare → supervise → finalize.

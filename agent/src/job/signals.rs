@@ -27,13 +27,29 @@ pub fn detect_signal(line: &[u8], now: EpochMillis) -> Option<CliSignal> {
     if RESUME_FAILED.iter().any(|p| text.contains(p)) {
         return Some(CliSignal::ResumeFailed);
     }
+    // Claude Code retrying a rate-limited request itself: `system/api_retry` with 429.
+    if text.contains("\"api_retry\"")
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(text.trim())
+        && v.get("subtype").and_then(|s| s.as_str()) == Some("api_retry")
+    {
+        let status = v.get("error_status").and_then(|s| s.as_u64());
+        let kind = v.get("error").and_then(|s| s.as_str());
+        if status == Some(429) || kind == Some("rate_limit") {
+            let delay = v.get("retry_delay_ms").and_then(|d| d.as_i64());
+            return Some(CliSignal::RateLimited {
+                reset_at: delay.map(|d| now + d.clamp(0, 86_400_000)),
+            });
+        }
+        return None;
+    }
     let lower = text.to_ascii_lowercase();
     let limited = lower.contains("rate_limit_error")
         || lower.contains("rate limit")
         || lower.contains("ratelimit")
         || lower.contains("429 too many requests")
         || lower.contains("\"status\":429")
-        || lower.contains("api error: 429");
+        || lower.contains("api error: 429")
+        || (lower.contains("reconnecting") && lower.contains("429"));
     if !limited {
         return None;
     }
@@ -111,6 +127,19 @@ mod tests {
             Some(CliSignal::ResumeFailed)
         );
         assert_eq!(detect_signal(b"all good", 0), None);
+    }
+
+    #[test]
+    fn claude_retrying_a_429_is_a_rate_limit() {
+        let line = br#"{"type":"system","subtype":"api_retry","attempt":3,"max_retries":10,"retry_delay_ms":2444,"error_status":429,"error":"rate_limit","session_id":"s"}"#;
+        assert_eq!(
+            detect_signal(line, 1000),
+            Some(CliSignal::RateLimited {
+                reset_at: Some(3444)
+            })
+        );
+        let other = br#"{"type":"system","subtype":"api_retry","attempt":1,"error_status":529,"error":"overloaded"}"#;
+        assert_eq!(detect_signal(other, 1000), None);
     }
 
     #[test]

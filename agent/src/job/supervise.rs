@@ -8,7 +8,7 @@
 //! upload — or on cancel, lease loss, shutdown or spend; then everything the job started
 //! is killed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +34,10 @@ use crate::redact::Redactor;
 /// Longest stdout line read as a structured event.
 const MAX_EVENT_LINE: usize = 1024 * 1024;
 
+/// Rate-limit refusals in a row after which the child is stopped and the job paused
+/// (Claude Code alone retries ten times with growing waits, minutes of billed time).
+const RATE_LIMIT_STOP_AFTER: u32 = 3;
+
 /// What the run left for [`super::finalize`].
 #[derive(Debug)]
 pub(super) struct Supervised {
@@ -56,6 +60,8 @@ pub(super) struct Supervised {
 struct Live {
     progress: Mutex<Progress>,
     signal: Mutex<Option<CliSignal>>,
+    /// Rate-limit refusals reported by the CLI so far.
+    rate_limited: AtomicU32,
     /// Bytes a checkpoint would archive now (0 when the job is not resumable).
     checkpoint_bytes: AtomicU64,
 }
@@ -191,8 +197,11 @@ pub(super) async fn supervise(
     let deadline_now = || {
         let pending: u64 = probes.iter().map(BacklogProbe::pending).sum::<u64>()
             + live.checkpoint_bytes.load(Ordering::Relaxed);
-        let upload = Duration::from_secs_f64(pending as f64 / cfg.upload_bytes_per_second);
-        let reserve = cfg.reserve.max(cfg.grace + Duration::from_secs(2) + upload);
+        // A quarter more than the assumed throughput: archiving competes for the CPU.
+        let upload = Duration::from_secs_f64(1.25 * pending as f64 / cfg.upload_bytes_per_second);
+        let reserve = cfg
+            .reserve
+            .max(cfg.grace + super::finalize::FINAL_OVERHEAD + upload);
         job_deadline.min(
             input
                 .invocation_deadline
@@ -308,7 +317,11 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
     let mut line: Vec<u8> = Vec::new();
     let mut overlong = false;
     let handle_line = |line: &[u8], events_out: &mut Vec<u8>| {
-        if let Some(s) = detect_signal(line, now_ms())
+        let signal = detect_signal(line, now_ms());
+        if matches!(signal, Some(CliSignal::RateLimited { .. })) {
+            live.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(s) = signal
             && let Ok(mut slot) = live.signal.lock()
         {
             // A resume failure explains the exit better than a later rate-limit mention.
@@ -406,6 +419,10 @@ async fn heartbeat_loop(h: Heartbeat) {
             _ = tick.tick() => {}
         }
         beats += 1;
+        if h.live.rate_limited.load(Ordering::Relaxed) >= RATE_LIMIT_STOP_AFTER {
+            tracing::warn!(job = %h.job, "the model API keeps rate-limiting; stopping the child to pause the job");
+            let _ = h.stop.send(Some(StopReason::RateLimited));
+        }
         let snapshot = h
             .live
             .progress

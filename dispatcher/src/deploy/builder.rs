@@ -150,6 +150,16 @@ pub fn default_agent_binary(root: &Path) -> PathBuf {
     }
 }
 
+/// The default dispatcher binary: release if built, else debug.
+pub fn default_dispatcher_binary(root: &Path) -> PathBuf {
+    let release = root.join("target/release/agentq-dispatcher");
+    if release.exists() {
+        release
+    } else {
+        root.join("target/debug/agentq-dispatcher")
+    }
+}
+
 /// Copies the build context into `dir`: the agent directory's Dockerfile, MCP config
 /// and npm manifest, and the agent binary as `bootstrap`. Returns the files written.
 pub async fn prepare_context(
@@ -160,8 +170,9 @@ pub async fn prepare_context(
     prepare_context_with(agent_dir, agent_binary, None, dir).await
 }
 
-/// [`prepare_context`], plus `agentq-dispatcher` when given (installed in the image under
-/// `/opt/agentq/bin/`, so a dispatcher function can run from the same image).
+/// [`prepare_context`], plus `agentq-dispatcher` (installed in the image under
+/// `/opt/agentq/bin/`, where the dispatcher function's entrypoint starts it). `deploy`
+/// always ships it; `None` is for building an agent-only image by hand.
 pub async fn prepare_context_with(
     agent_dir: &Path,
     agent_binary: &Path,
@@ -195,7 +206,7 @@ pub async fn prepare_context_with(
         tokio::fs::copy(d, dir.join("agentq-dispatcher"))
             .await
             .map_err(|source| DeployError::File {
-                what: "dispatcher binary (--dispatcher-binary)".into(),
+                what: "dispatcher binary (build it with `cargo build --release -p agentq-dispatcher`, or pass --dispatcher-binary PATH)".into(),
                 path: d.to_path_buf(),
                 source,
             })?;

@@ -1,22 +1,32 @@
-//! `deploy`: prepares and launches the agent image on Lambda.
+//! `deploy`: prepares and launches the agentq image on Lambda.
 //!
-//! Reads first and refuses early (queue visibility timeout shorter than the function
-//! timeout; no builder when one is needed; no function without `--create-function`),
-//! then walks the steps, skipping each that is already in place, so re-running with
-//! nothing changed changes nothing:
+//! One image runs every function: its entrypoint starts the agent, and the dispatcher
+//! function starts `/opt/agentq/bin/agentq-dispatcher` from it (the template's
+//! `ImageConfig`). `deploy` builds that image once and moves each function it is given
+//! to it: the agent (`--function`, event source: the jobs queue) and the dispatcher
+//! (`--dispatcher-function`, event source: the DLQ).
+//!
+//! Reads and refuses early (queue visibility timeout shorter than the function timeout;
+//! no builder when one is needed; no function without `--create-function`), then walks
+//! the steps, skipping each that is already in place, so re-running with nothing
+//! changed changes nothing:
 //!
 //! 1. ECR repository (created when missing: scan on push, immutable tags);
 //! 2. image: `--image-uri` / `--image-tag` of an image already in ECR, or build the
-//!    context (agent Dockerfile, MCP config, npm manifest, agent binary as `bootstrap`)
-//!    with docker buildx / podman, log in with `GetAuthorizationToken`, push;
-//! 3. resolve the digest and update the function to `repo@sha256:…` (or create it),
-//!    then wait for `LastUpdateStatus=Successful`;
-//! 4. publish a version and create/move the alias (skipped when the alias already runs
-//!    that image);
-//! 5. create or update the SQS event source mapping on the alias (batch size,
-//!    `ReportBatchItemFailures`, `MaximumConcurrency`, enabled).
+//!    context (agent Dockerfile, MCP config, npm manifest, the agent binary as
+//!    `bootstrap`, the dispatcher binary) with docker buildx / podman, log in with
+//!    `GetAuthorizationToken`, push;
+//! 3. per function: update it to `repo@sha256:…` (or create it), then wait for
+//!    `LastUpdateStatus=Successful`;
+//! 4. per function: publish a version and create/move the alias (skipped when the alias
+//!    already runs that image);
+//! 5. per function: create or update its SQS event source mapping on the alias (batch
+//!    size, `ReportBatchItemFailures`, `MaximumConcurrency`, enabled).
 //!
-//! `--dry-run` does the reads and prints the same plan without changing anything.
+//! `--push-only` stops after step 2 (a first deployment: the functions do not exist
+//! before the image does). `--dry-run` does the reads and prints the same plan without
+//! changing anything; what it cannot check here (no container engine, a binary not built
+//! yet) is marked as not checked instead of failing the plan.
 
 pub mod builder;
 
@@ -41,16 +51,38 @@ pub enum OutputFormat {
     Json,
 }
 
+/// Which of the configured functions to deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// The agent function (`--function`) only.
+    Agent,
+    /// The dispatcher function (`--dispatcher-function`) only.
+    Dispatcher,
+}
+
 /// `deploy` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeployArgs {
-    /// Lambda function that runs the agent.
+    /// Lambda function that runs the agent; its event source is the jobs queue
+    /// (--queue-url / AGENTQ_QUEUE_URL). The stack output AgentFunctionName.
     #[arg(long, env = "AGENTQ_FUNCTION", default_value = "agentq-agent")]
     pub function: String,
-    /// Alias the event source mapping invokes.
+    /// Lambda function that runs the dispatcher from the same image; its event source is
+    /// the DLQ (--dlq-url / AGENTQ_DLQ_URL). The stack output DispatcherFunctionName.
+    /// Unset: only the agent function is deployed.
+    #[arg(long, env = "AGENTQ_DISPATCHER_FUNCTION")]
+    pub dispatcher_function: Option<String>,
+    /// Deploy only one of the two functions.
+    #[arg(long, value_enum)]
+    pub only: Option<Only>,
+    /// Build (or resolve) and push the image, then stop: no function is touched. The
+    /// first deployment, before the stack's functions exist.
+    #[arg(long, conflicts_with_all = ["only", "create_function"])]
+    pub push_only: bool,
+    /// Alias the event source mappings invoke.
     #[arg(long, default_value = "live")]
     pub alias: String,
-    /// ECR repository of the agent image (created when missing).
+    /// ECR repository of the image (created when missing). The stack output RepositoryName.
     #[arg(long, env = "AGENTQ_REPOSITORY", default_value = "agentq-agent")]
     pub repository: String,
     /// Deploy an image already in ECR (`REPO_URI@sha256:…` or `REPO_URI:TAG`); skips build and push.
@@ -65,8 +97,8 @@ pub struct DeployArgs {
     /// The agent binary to ship as `bootstrap` (default target/release/agentq-agent, else debug).
     #[arg(long)]
     pub agent_binary: Option<PathBuf>,
-    /// Also ship this agentq-dispatcher binary in the image (for a dispatcher function
-    /// run from the same image).
+    /// The dispatcher binary to ship as /opt/agentq/bin/agentq-dispatcher (default
+    /// target/release/agentq-dispatcher, else debug).
     #[arg(long)]
     pub dispatcher_binary: Option<PathBuf>,
     /// Directory with the Dockerfile, mcp.json, package.json and package-lock.json.
@@ -75,16 +107,16 @@ pub struct DeployArgs {
     /// Container engine for the build.
     #[arg(long, value_enum, default_value_t = BuilderChoice::Auto)]
     pub builder: BuilderChoice,
-    /// Messages per invocation (1..=10000; above 10 needs --batching-window).
+    /// Messages per agent invocation (1..=10000; above 10 needs --batching-window).
     #[arg(long, default_value_t = 1)]
     pub batch_size: i32,
-    /// Seconds the mapping may wait to fill a batch (0..=300).
+    /// Seconds the agent's mapping may wait to fill a batch (0..=300).
     #[arg(long, default_value_t = 0)]
     pub batching_window: i32,
-    /// Most concurrent invocations the mapping starts (2..=1000).
+    /// Most concurrent agent invocations the mapping starts (2..=1000).
     #[arg(long)]
     pub max_concurrency: Option<i32>,
-    /// Whether the mapping delivers messages (`false` to stage it, e.g. on an emulator).
+    /// Whether the mappings deliver messages (`false` to stage them, e.g. on an emulator).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub enabled: bool,
     /// Create the function when it does not exist (needs --role-arn).
@@ -99,7 +131,7 @@ pub struct DeployArgs {
     /// Memory (MB) of a function created by --create-function (128..=10240).
     #[arg(long, default_value_t = 2048)]
     pub memory: i32,
-    /// How long to wait for the function update to finish.
+    /// How long to wait for a function update to finish.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub wait_timeout: Duration,
     /// Print the plan and change nothing.
@@ -108,6 +140,20 @@ pub struct DeployArgs {
     /// Report format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
+}
+
+/// The dispatcher's mapping on the DLQ, as the template creates it: re-plans are cheap,
+/// so big batches and few concurrent dispatchers keep DynamoDB writes calm.
+pub const DISPATCHER_BATCH_SIZE: i32 = 10;
+pub const DISPATCHER_MAX_CONCURRENCY: i32 = 2;
+
+/// The queues the functions' event sources are on.
+#[derive(Debug, Clone, Default)]
+pub struct Queues {
+    /// The jobs queue (the agent's event source).
+    pub jobs: Option<String>,
+    /// The dead-letter queue (the dispatcher's event source).
+    pub dlq: Option<String>,
 }
 
 /// What a step did (or, in a dry run, would do).
@@ -137,23 +183,45 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StepReport {
     pub step: &'static str,
+    /// The function the step is about (none for the repository and the image).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
     pub action: Action,
     pub detail: String,
+    /// Dry run: what could not be checked here, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_checked: Option<String>,
+}
+
+/// What a function is in agentq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Agent,
+    Dispatcher,
+}
+
+/// One function's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionReport {
+    pub role: Role,
+    pub function: String,
+    pub alias: String,
+    /// The queue its event source mapping reads.
+    pub queue_url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapping_uuid: Option<String>,
 }
 
 /// What `deploy` did or would do.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DeployReport {
     pub dry_run: bool,
-    pub function: String,
-    pub alias: String,
-    pub queue_url: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image_uri: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mapping_uuid: Option<String>,
+    pub functions: Vec<FunctionReport>,
     pub steps: Vec<StepReport>,
     pub warnings: Vec<String>,
 }
@@ -162,8 +230,26 @@ impl DeployReport {
     fn step(&mut self, step: &'static str, action: Action, detail: impl Into<String>) {
         self.steps.push(StepReport {
             step,
+            function: None,
             action,
             detail: detail.into(),
+            not_checked: None,
+        });
+    }
+
+    fn fn_step(
+        &mut self,
+        function: &str,
+        step: &'static str,
+        action: Action,
+        detail: impl Into<String>,
+    ) {
+        self.steps.push(StepReport {
+            step,
+            function: Some(function.to_owned()),
+            action,
+            detail: detail.into(),
+            not_checked: None,
         });
     }
 
@@ -172,29 +258,50 @@ impl DeployReport {
         self.steps.iter().any(|s| s.action != Action::Unchanged)
     }
 
+    /// Whether a dry run left something unchecked.
+    pub fn unchecked(&self) -> bool {
+        self.steps.iter().any(|s| s.not_checked.is_some())
+    }
+
     /// The human form.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "{} for function {} (alias {}), queue {}\n",
+            "{}\n",
             if self.dry_run {
                 "deploy plan (dry run, nothing changed)"
             } else {
                 "deploy"
-            },
-            self.function,
-            self.alias,
-            self.queue_url
+            }
         );
+        for f in &self.functions {
+            out.push_str(&format!(
+                "  {:?} function {} (alias {}), event source {}\n",
+                f.role, f.function, f.alias, f.queue_url
+            ));
+        }
+        if self.functions.is_empty() {
+            out.push_str("  image only (--push-only): no function is touched\n");
+        }
         for s in &self.steps {
+            let step = match &s.function {
+                Some(f) => format!("{f}: {}", s.step),
+                None => s.step.to_owned(),
+            };
             out.push_str(&format!(
                 "  [{:<9}] {:<15} {}\n",
                 s.action.label(),
-                s.step,
+                step,
                 s.detail
             ));
+            if let Some(why) = &s.not_checked {
+                out.push_str(&format!("  {:<11} {:<15} not checked: {why}\n", "", ""));
+            }
         }
         for w in &self.warnings {
             out.push_str(&format!("  warning: {w}\n"));
+        }
+        if let Some(uri) = &self.image_uri {
+            out.push_str(&format!("  image: {uri}\n"));
         }
         if !self.changes() {
             out.push_str("  everything is already in place\n");
@@ -220,7 +327,6 @@ impl DeployClients {
         }
     }
 }
-
 /// Extra environment for a function created by `--create-function`.
 pub type FunctionEnv = Vec<(String, String)>;
 
@@ -419,34 +525,77 @@ fn split_image_uri(uri: &str) -> (&str, Option<&str>, Option<&str>) {
     }
 }
 
-/// Runs `deploy`. `root` is the repository root (for the default agent binary);
-/// `function_env` goes onto a function created by `--create-function`.
-pub async fn run(
+/// A function to move to the image, with its event source.
+struct Target {
+    role: Role,
+    function: String,
+    queue_url: String,
+    queue_arn: String,
+    batch_size: i32,
+    batching_window: i32,
+    max_concurrency: Option<i32>,
+    current: Option<FunctionState>,
+}
+
+fn targets_wanted(
+    a: &DeployArgs,
+    queues: &Queues,
+) -> Result<Vec<(Role, String, String)>, DeployError> {
+    if a.push_only {
+        return Ok(Vec::new());
+    }
+    let missing = |what: &str, flag: &str, env: &str| {
+        DeployError::Invalid(format!(
+            "{what} is not set: pass --{flag} or export {env} (the stack outputs have it; locally `eval \"$(localdev/up)\"`)"
+        ))
+    };
+    let mut out = Vec::new();
+    if a.only != Some(Only::Dispatcher) {
+        let q = queues.jobs.clone().ok_or_else(|| {
+            missing(
+                "the jobs queue URL (the agent's event source)",
+                "queue-url",
+                "AGENTQ_QUEUE_URL",
+            )
+        })?;
+        out.push((Role::Agent, a.function.clone(), q));
+    }
+    if a.only == Some(Only::Dispatcher) || (a.only.is_none() && a.dispatcher_function.is_some()) {
+        let f = a.dispatcher_function.clone().ok_or_else(|| {
+            missing(
+                "the dispatcher function",
+                "dispatcher-function",
+                "AGENTQ_DISPATCHER_FUNCTION",
+            )
+        })?;
+        let q = queues.dlq.clone().ok_or_else(|| {
+            missing(
+                "the dead-letter queue URL (the dispatcher's event source)",
+                "dlq-url",
+                "AGENTQ_DLQ_URL",
+            )
+        })?;
+        out.push((Role::Dispatcher, f, q));
+    }
+    Ok(out)
+}
+
+/// Reads a target's queue and function, and refuses what cannot work.
+async fn read_target(
     c: &DeployClients,
     a: &DeployArgs,
-    queue_url: &str,
-    root: &std::path::Path,
-    function_env: &FunctionEnv,
-) -> Result<DeployReport, DeployError> {
-    check_args(a)?;
-    let mut report = DeployReport {
-        dry_run: a.dry_run,
-        function: a.function.clone(),
-        alias: a.alias.clone(),
-        queue_url: queue_url.to_owned(),
-        ..Default::default()
-    };
-
-    // ---- reads and refusals, before anything changes
+    (role, function, queue_url): (Role, String, String),
+    report: &mut DeployReport,
+) -> Result<Target, DeployError> {
     let attrs = c
         .sqs
         .get_queue_attributes()
-        .queue_url(queue_url)
+        .queue_url(&queue_url)
         .attribute_names(QueueAttributeName::VisibilityTimeout)
         .attribute_names(QueueAttributeName::QueueArn)
         .send()
         .await
-        .map_err(|e| aws_err("SQS", "GetQueueAttributes", queue_url, e))?;
+        .map_err(|e| aws_err("SQS", "GetQueueAttributes", &queue_url, e))?;
     let attrs = attrs.attributes.unwrap_or_default();
     let visibility: i64 = attrs
         .get(&QueueAttributeName::VisibilityTimeout)
@@ -456,17 +605,14 @@ pub async fn run(
         .get(&QueueAttributeName::QueueArn)
         .cloned()
         .unwrap_or_default();
-
-    let current = get_function(c, &a.function, None).await?;
+    let current = get_function(c, &function, None).await?;
     if current.is_none() && !a.create_function {
-        return Err(DeployError::NoFunction {
-            function: a.function.clone(),
-        });
+        return Err(DeployError::NoFunction { function });
     }
     let timeout = current.as_ref().map_or(a.timeout as i64, |f| f.timeout);
     if visibility < timeout {
         return Err(DeployError::VisibilityTooShort {
-            queue: queue_url.to_owned(),
+            queue: queue_url,
             visibility,
             timeout,
             recommended: 6 * timeout,
@@ -474,15 +620,59 @@ pub async fn run(
     }
     if visibility < 6 * timeout {
         report.warnings.push(format!(
-            "queue visibility timeout {visibility}s is less than 6x the function timeout {timeout}s ({}s), as AWS recommends for event source mappings",
+            "{function}: queue visibility timeout {visibility}s is less than 6x the function timeout {timeout}s ({}s), as AWS recommends for event source mappings",
             6 * timeout
         ));
     }
+    let (batch_size, batching_window, max_concurrency) = match role {
+        Role::Agent => (a.batch_size, a.batching_window, a.max_concurrency),
+        Role::Dispatcher => (DISPATCHER_BATCH_SIZE, 0, Some(DISPATCHER_MAX_CONCURRENCY)),
+    };
+    Ok(Target {
+        role,
+        function,
+        queue_url,
+        queue_arn,
+        batch_size,
+        batching_window,
+        max_concurrency,
+        current,
+    })
+}
 
-    // The image to deploy: given, or to be built.
+/// Runs `deploy`. `root` is the repository root (for the default binaries);
+/// `function_env` goes onto a function created by `--create-function`.
+pub async fn run(
+    c: &DeployClients,
+    a: &DeployArgs,
+    queues: &Queues,
+    root: &std::path::Path,
+    function_env: &FunctionEnv,
+) -> Result<DeployReport, DeployError> {
+    check_args(a)?;
+    let mut report = DeployReport {
+        dry_run: a.dry_run,
+        ..Default::default()
+    };
+
+    // ---- reads and refusals, before anything changes
+    let mut targets = Vec::new();
+    for wanted in targets_wanted(a, queues)? {
+        targets.push(read_target(c, a, wanted, &mut report).await?);
+    }
+
+    // The image to deploy: given, or to be built (in a dry run without an engine, the
+    // build is planned and marked as not checked).
     enum Source {
-        Given { repo_uri: String, reference: String },
-        Build { engine: Engine, tag: String },
+        Given {
+            repo_uri: String,
+            reference: String,
+        },
+        Build {
+            engine: Option<Engine>,
+            no_engine: Option<String>,
+            tag: String,
+        },
     }
     let source = if let Some(uri) = &a.image_uri {
         let (repo, tag, digest) = split_image_uri(uri);
@@ -499,12 +689,25 @@ pub async fn run(
             reference: format!(":{tag}"),
         }
     } else {
-        let engine = builder::detect(a.builder).await?;
+        let (engine, no_engine) = match builder::detect(a.builder).await {
+            Ok(e) => (Some(e), None),
+            Err(DeployError::NoBuilder { detail }) if a.dry_run => (
+                None,
+                Some(format!(
+                    "no container engine answers here ({detail}); a real run needs docker or podman, or --image-uri/--image-tag"
+                )),
+            ),
+            Err(e) => return Err(e),
+        };
         let tag = a
             .tag
             .clone()
             .unwrap_or_else(|| format!("agentq-{}", agentq_core::record::now_ms() / 1000));
-        Source::Build { engine, tag }
+        Source::Build {
+            engine,
+            no_engine,
+            tag,
+        }
     };
 
     // ---- 1. repository
@@ -590,77 +793,151 @@ pub async fn run(
             );
             resolved
         }
-        Source::Build { engine, tag } => {
+        Source::Build {
+            engine,
+            no_engine,
+            tag,
+        } => {
             let image = format!("{repo_uri_or_planned}:{tag}");
-            let binary = a
+            let agent_bin = a
                 .agent_binary
                 .clone()
                 .unwrap_or_else(|| builder::default_agent_binary(root));
+            let dispatcher_bin = a
+                .dispatcher_binary
+                .clone()
+                .unwrap_or_else(|| builder::default_dispatcher_binary(root));
             let detail = format!(
-                "{image} with {} (linux/amd64) from {} + {} as bootstrap, then push",
-                engine.program(),
+                "{image} with {} (linux/amd64) from {}, {} as bootstrap and {} as /opt/agentq/bin/agentq-dispatcher, then log in to ECR and push",
+                engine.map_or("docker or podman", Engine::program),
                 a.agent_dir.display(),
-                binary.display()
+                agent_bin.display(),
+                dispatcher_bin.display()
             );
-            if a.dry_run {
-                report.step("image", Action::Build, detail);
-                None
-            } else {
-                let dir = tempfile::Builder::new()
-                    .prefix("agentq-image-")
-                    .tempdir()
-                    .map_err(|source| DeployError::File {
-                        what: "temporary build context".into(),
-                        path: std::env::temp_dir(),
-                        source,
+            match engine {
+                Some(engine) if !a.dry_run => {
+                    let dir = tempfile::Builder::new()
+                        .prefix("agentq-image-")
+                        .tempdir()
+                        .map_err(|source| DeployError::File {
+                            what: "temporary build context".into(),
+                            path: std::env::temp_dir(),
+                            source,
+                        })?;
+                    builder::prepare_context_with(
+                        &a.agent_dir,
+                        &agent_bin,
+                        Some(&dispatcher_bin),
+                        dir.path(),
+                    )
+                    .await?;
+                    builder::build(engine, &image, dir.path()).await?;
+                    let (registry, user, password) = ecr_login(c, &repo_uri_or_planned).await?;
+                    builder::login(engine, &registry, &user, &password).await?;
+                    builder::push(engine, &image).await?;
+                    let digest = image_digest(c, &a.repository, &tag).await?.ok_or_else(|| {
+                        DeployError::NoImage {
+                            repository: a.repository.clone(),
+                            reference: tag.clone(),
+                        }
                     })?;
-                builder::prepare_context_with(
-                    &a.agent_dir,
-                    &binary,
-                    a.dispatcher_binary.as_deref(),
-                    dir.path(),
-                )
-                .await?;
-                builder::build(engine, &image, dir.path()).await?;
-                let (registry, user, password) = ecr_login(c, &repo_uri_or_planned).await?;
-                builder::login(engine, &registry, &user, &password).await?;
-                builder::push(engine, &image).await?;
-                let digest = image_digest(c, &a.repository, &tag).await?.ok_or_else(|| {
-                    DeployError::NoImage {
-                        repository: a.repository.clone(),
-                        reference: tag.clone(),
+                    report.step("image", Action::Build, detail);
+                    Some(format!("{repo_uri_or_planned}@{digest}"))
+                }
+                _ => {
+                    // Dry run (or no engine, which only a dry run gets here with).
+                    let mut not_checked: Vec<String> = no_engine.into_iter().collect();
+                    for (what, path, build) in [
+                        ("agent binary", &agent_bin, "agentq-agent"),
+                        ("dispatcher binary", &dispatcher_bin, "agentq-dispatcher"),
+                    ] {
+                        if tokio::fs::metadata(path).await.is_err() {
+                            not_checked.push(format!(
+                                "the {what} {} does not exist yet (cargo build --release -p {build})",
+                                path.display()
+                            ));
+                        }
                     }
-                })?;
-                report.step("image", Action::Build, detail);
-                Some(format!("{repo_uri_or_planned}@{digest}"))
+                    report.step("image", Action::Build, detail);
+                    if !not_checked.is_empty()
+                        && let Some(last) = report.steps.last_mut()
+                    {
+                        last.not_checked = Some(not_checked.join("; "));
+                    }
+                    None
+                }
             }
         }
     };
     report.image_uri = image_uri.clone();
-    let target = image_uri
+    let target_uri = image_uri
         .clone()
         .unwrap_or_else(|| format!("{repo_uri_or_planned}@<digest of the new image>"));
 
+    // ---- 3-5, per function
+    for t in &targets {
+        let f = deploy_function(
+            c,
+            a,
+            t,
+            image_uri.as_deref(),
+            &target_uri,
+            function_env,
+            &mut report,
+        )
+        .await?;
+        report.functions.push(f);
+    }
+    Ok(report)
+}
+
+/// Steps 3 to 5 for one function: code, version and alias, event source mapping.
+async fn deploy_function(
+    c: &DeployClients,
+    a: &DeployArgs,
+    t: &Target,
+    image_uri: Option<&str>,
+    target: &str,
+    function_env: &FunctionEnv,
+    report: &mut DeployReport,
+) -> Result<FunctionReport, DeployError> {
+    let name = t.function.as_str();
+    let mut out = FunctionReport {
+        role: t.role,
+        function: t.function.clone(),
+        alias: a.alias.clone(),
+        queue_url: t.queue_url.clone(),
+        version: None,
+        mapping_uuid: None,
+    };
+
     // ---- 3. function code
-    let code_current = current
+    let code_current = t
+        .current
         .as_ref()
-        .is_some_and(|f| image_uri.is_some() && f.image_uri == image_uri);
-    match &current {
+        .is_some_and(|f| image_uri.is_some() && f.image_uri.as_deref() == image_uri);
+    match &t.current {
         Some(_) if code_current => {
-            report.step("function-code", Action::Unchanged, format!("runs {target}"));
+            report.fn_step(
+                name,
+                "function-code",
+                Action::Unchanged,
+                format!("runs {target}"),
+            );
         }
         Some(f) => {
             if !a.dry_run {
                 c.lambda
                     .update_function_code()
-                    .function_name(&a.function)
-                    .image_uri(&target)
+                    .function_name(name)
+                    .image_uri(target)
                     .send()
                     .await
-                    .map_err(|e| aws_err("Lambda", "UpdateFunctionCode", &a.function, e))?;
-                wait_updated(c, &a.function, a.wait_timeout).await?;
+                    .map_err(|e| aws_err("Lambda", "UpdateFunctionCode", name, e))?;
+                wait_updated(c, name, a.wait_timeout).await?;
             }
-            report.step(
+            report.fn_step(
+                name,
                 "function-code",
                 Action::Update,
                 format!(
@@ -675,27 +952,37 @@ pub async fn run(
                 for (k, v) in function_env {
                     env = env.variables(k, v);
                 }
-                c.lambda
+                let mut req = c
+                    .lambda
                     .create_function()
-                    .function_name(&a.function)
+                    .function_name(name)
                     .package_type(PackageType::Image)
-                    .code(FunctionCode::builder().image_uri(&target).build())
+                    .code(FunctionCode::builder().image_uri(target).build())
                     .role(a.role_arn.clone().unwrap_or_default())
                     .timeout(a.timeout)
                     .memory_size(a.memory)
                     .architectures(Architecture::X8664)
-                    .environment(env.build())
-                    .send()
+                    .environment(env.build());
+                if t.role == Role::Dispatcher {
+                    req = req.image_config(
+                        aws_sdk_lambda::types::ImageConfig::builder()
+                            .entry_point("/opt/agentq/bin/agentq-dispatcher")
+                            .command("lambda")
+                            .build(),
+                    );
+                }
+                req.send()
                     .await
-                    .map_err(|e| aws_err("Lambda", "CreateFunction", &a.function, e))?;
-                wait_updated(c, &a.function, a.wait_timeout).await?;
+                    .map_err(|e| aws_err("Lambda", "CreateFunction", name, e))?;
+                wait_updated(c, name, a.wait_timeout).await?;
             }
-            report.step(
+            report.fn_step(
+                name,
                 "function",
                 Action::Create,
                 format!(
-                    "{} from {target} (timeout {}s, memory {} MB)",
-                    a.function, a.timeout, a.memory
+                    "{name} from {target} (timeout {}s, memory {} MB)",
+                    a.timeout, a.memory
                 ),
             );
         }
@@ -705,7 +992,7 @@ pub async fn run(
     let alias_version = match c
         .lambda
         .get_alias()
-        .function_name(&a.function)
+        .function_name(name)
         .name(&a.alias)
         .send()
         .await
@@ -717,48 +1004,50 @@ pub async fn run(
         {
             None
         }
-        Err(e) => return Err(aws_err("Lambda", "GetAlias", &a.function, e)),
+        Err(e) => return Err(aws_err("Lambda", "GetAlias", name, e)),
     };
     // The code $LATEST runs now (after step 3), against the alias' version. In a dry
     // run with a pending code update the alias is behind by definition.
     let latest_sha = if a.dry_run {
-        (code_current)
-            .then(|| current.as_ref().and_then(|f| f.code_sha256.clone()))
+        code_current
+            .then(|| t.current.as_ref().and_then(|f| f.code_sha256.clone()))
             .flatten()
     } else {
-        get_function(c, &a.function, None)
+        get_function(c, name, None)
             .await?
             .and_then(|f| f.code_sha256)
     };
     let alias_sha = match &alias_version {
-        Some(v) => get_function(c, &a.function, Some(v))
+        Some(v) => get_function(c, name, Some(v))
             .await?
             .and_then(|f| f.code_sha256),
         None => None,
     };
     let alias_current = latest_sha.is_some() && alias_sha == latest_sha;
     let version = if alias_current {
-        report.step(
+        let v = alias_version.as_deref().unwrap_or("?");
+        report.fn_step(
+            name,
             "version",
             Action::Unchanged,
-            format!(
-                "version {} runs {target}",
-                alias_version.as_deref().unwrap_or("?")
-            ),
+            format!("version {v} runs {target}"),
         );
-        report.step(
+        report.fn_step(
+            name,
             "alias",
             Action::Unchanged,
-            format!(
-                "{} → version {}",
-                a.alias,
-                alias_version.as_deref().unwrap_or("?")
-            ),
+            format!("{} → version {v}", a.alias),
         );
         alias_version.clone()
     } else if a.dry_run {
-        report.step("version", Action::Publish, format!("a version of {target}"));
-        report.step(
+        report.fn_step(
+            name,
+            "version",
+            Action::Publish,
+            format!("a version of {target}"),
+        );
+        report.fn_step(
+            name,
             "alias",
             if alias_version.is_some() {
                 Action::Update
@@ -779,15 +1068,16 @@ pub async fn run(
         let v = c
             .lambda
             .publish_version()
-            .function_name(&a.function)
+            .function_name(name)
             .description(format!("agentq deploy of {target}"))
             .send()
             .await
-            .map_err(|e| aws_err("Lambda", "PublishVersion", &a.function, e))?
+            .map_err(|e| aws_err("Lambda", "PublishVersion", name, e))?
             .version()
             .unwrap_or_default()
             .to_owned();
-        report.step(
+        report.fn_step(
+            name,
             "version",
             Action::Publish,
             format!("version {v} of {target}"),
@@ -795,13 +1085,14 @@ pub async fn run(
         if alias_version.is_some() {
             c.lambda
                 .update_alias()
-                .function_name(&a.function)
+                .function_name(name)
                 .name(&a.alias)
                 .function_version(&v)
                 .send()
                 .await
-                .map_err(|e| aws_err("Lambda", "UpdateAlias", &a.function, e))?;
-            report.step(
+                .map_err(|e| aws_err("Lambda", "UpdateAlias", name, e))?;
+            report.fn_step(
+                name,
                 "alias",
                 Action::Update,
                 format!(
@@ -813,13 +1104,14 @@ pub async fn run(
         } else {
             c.lambda
                 .create_alias()
-                .function_name(&a.function)
+                .function_name(name)
                 .name(&a.alias)
                 .function_version(&v)
                 .send()
                 .await
-                .map_err(|e| aws_err("Lambda", "CreateAlias", &a.function, e))?;
-            report.step(
+                .map_err(|e| aws_err("Lambda", "CreateAlias", name, e))?;
+            report.fn_step(
+                name,
                 "alias",
                 Action::Create,
                 format!("{} → version {v}", a.alias),
@@ -827,76 +1119,78 @@ pub async fn run(
         }
         Some(v)
     };
-    report.version = version.clone();
+    out.version = version.clone();
 
     // ---- 5. event source mapping on the alias
-    let function_arn = match current.as_ref().map(|f| f.function_arn.clone()) {
+    let function_arn = match t.current.as_ref().map(|f| f.function_arn.clone()) {
         Some(arn) if !arn.is_empty() => arn,
-        _ if a.dry_run => a.function.clone(),
-        _ => get_function(c, &a.function, None)
+        _ if a.dry_run => name.to_owned(),
+        _ => get_function(c, name, None)
             .await?
             .map(|f| f.function_arn)
-            .unwrap_or_else(|| a.function.clone()),
+            .unwrap_or_else(|| name.to_owned()),
     };
     // The unqualified ARN plus the alias: what the mapping invokes.
     let alias_target = format!("{function_arn}:{}", a.alias);
+    let queue_arn = &t.queue_arn;
     let mappings = c
         .lambda
         .list_event_source_mappings()
-        .event_source_arn(&queue_arn)
+        .event_source_arn(queue_arn)
         .send()
         .await
-        .map_err(|e| aws_err("Lambda", "ListEventSourceMappings", &queue_arn, e))?;
+        .map_err(|e| aws_err("Lambda", "ListEventSourceMappings", queue_arn, e))?;
     let existing = mappings
         .event_source_mappings()
         .iter()
         .find(|m| {
             m.function_arn()
                 .and_then(arn_function_name)
-                .is_some_and(|n| n == a.function)
+                .is_some_and(|n| n == name)
         })
         .cloned();
     let settings = format!(
         "batch {}{}, ReportBatchItemFailures, max concurrency {}, {}",
-        a.batch_size,
-        if a.batching_window > 0 {
-            format!(" (window {}s)", a.batching_window)
+        t.batch_size,
+        if t.batching_window > 0 {
+            format!(" (window {}s)", t.batching_window)
         } else {
             String::new()
         },
-        a.max_concurrency
+        t.max_concurrency
             .map_or_else(|| "unset".to_owned(), |n| n.to_string()),
         if a.enabled { "enabled" } else { "disabled" }
     );
-    let scaling = a
+    let scaling = t
         .max_concurrency
         .map(|n| ScalingConfig::builder().maximum_concurrency(n).build());
     match existing {
         None => {
             if !a.dry_run {
-                let out = c
+                let created = c
                     .lambda
                     .create_event_source_mapping()
                     .function_name(&alias_target)
-                    .event_source_arn(&queue_arn)
-                    .batch_size(a.batch_size)
-                    .maximum_batching_window_in_seconds(a.batching_window)
+                    .event_source_arn(queue_arn)
+                    .batch_size(t.batch_size)
+                    .maximum_batching_window_in_seconds(t.batching_window)
                     .function_response_types(FunctionResponseType::ReportBatchItemFailures)
                     .set_scaling_config(scaling)
                     .enabled(a.enabled)
                     .send()
                     .await
-                    .map_err(|e| aws_err("Lambda", "CreateEventSourceMapping", &queue_arn, e))?;
-                report.mapping_uuid = out.uuid().map(str::to_owned);
+                    .map_err(|e| aws_err("Lambda", "CreateEventSourceMapping", queue_arn, e))?;
+                out.mapping_uuid = created.uuid().map(str::to_owned);
             }
-            report.step(
+            report.fn_step(
+                name,
                 "event-source",
                 Action::Create,
-                format!("{queue_arn} → {}:{} ({settings})", a.function, a.alias),
+                format!("{queue_arn} → {name}:{} ({settings})", a.alias),
             );
         }
         Some(m) => {
-            report.mapping_uuid = m.uuid().map(str::to_owned);
+            out.mapping_uuid = m.uuid().map(str::to_owned);
             let mut diffs = Vec::new();
             // An alias mapping reads back as the alias ARN (AWS) or the version ARN it
             // resolves to (moto): either is "on the alias".
@@ -905,24 +1199,23 @@ pub async fn run(
                 || (q.is_some() && q == version.as_deref() && alias_current);
             if !on_alias {
                 diffs.push(format!(
-                    "target {} → {}:{}",
+                    "target {} → {name}:{}",
                     m.function_arn().unwrap_or("?"),
-                    a.function,
                     a.alias
                 ));
             }
-            if m.batch_size() != Some(a.batch_size) {
+            if m.batch_size() != Some(t.batch_size) {
                 diffs.push(format!(
                     "batch size {} → {}",
                     m.batch_size().unwrap_or_default(),
-                    a.batch_size
+                    t.batch_size
                 ));
             }
-            if m.maximum_batching_window_in_seconds().unwrap_or(0) != a.batching_window {
+            if m.maximum_batching_window_in_seconds().unwrap_or(0) != t.batching_window {
                 diffs.push(format!(
                     "batching window {} → {}",
                     m.maximum_batching_window_in_seconds().unwrap_or(0),
-                    a.batching_window
+                    t.batching_window
                 ));
             }
             if !m
@@ -932,11 +1225,11 @@ pub async fn run(
                 diffs.push("add ReportBatchItemFailures".into());
             }
             let conc = m.scaling_config().and_then(|s| s.maximum_concurrency());
-            if a.max_concurrency.is_some() && conc != a.max_concurrency {
+            if t.max_concurrency.is_some() && conc != t.max_concurrency {
                 diffs.push(format!(
                     "max concurrency {} → {}",
                     conc.map_or_else(|| "unset".into(), |n| n.to_string()),
-                    a.max_concurrency.unwrap_or_default()
+                    t.max_concurrency.unwrap_or_default()
                 ));
             }
             let enabled = matches!(m.state(), Some("Enabled" | "Enabling" | "Updating"));
@@ -949,7 +1242,8 @@ pub async fn run(
             }
             let uuid = m.uuid().unwrap_or_default().to_owned();
             if diffs.is_empty() {
-                report.step(
+                report.fn_step(
+                    name,
                     "event-source",
                     Action::Unchanged,
                     format!("{uuid}: {settings}"),
@@ -960,8 +1254,8 @@ pub async fn run(
                         .lambda
                         .update_event_source_mapping()
                         .uuid(&uuid)
-                        .batch_size(a.batch_size)
-                        .maximum_batching_window_in_seconds(a.batching_window)
+                        .batch_size(t.batch_size)
+                        .maximum_batching_window_in_seconds(t.batching_window)
                         .function_response_types(FunctionResponseType::ReportBatchItemFailures)
                         .set_scaling_config(scaling)
                         .enabled(a.enabled);
@@ -972,7 +1266,8 @@ pub async fn run(
                         .await
                         .map_err(|e| aws_err("Lambda", "UpdateEventSourceMapping", &uuid, e))?;
                 }
-                report.step(
+                report.fn_step(
+                    name,
                     "event-source",
                     Action::Update,
                     format!("{uuid}: {}", diffs.join(", ")),
@@ -980,7 +1275,7 @@ pub async fn run(
             }
         }
     }
-    Ok(report)
+    Ok(out)
 }
 
 /// Registry host, user and password from `GetAuthorizationToken`.
