@@ -608,3 +608,214 @@ async fn a_resumed_job_is_one_trace_with_metrics_and_signed_notifications() {
     let seen: Vec<&str> = seen.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(seen, types, "{events:?}");
 }
+
+fn agent(r: &Resources, work: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(binary("agentq-agent"));
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(r.env())
+        .env("AGENTQ_CLAUDE_BIN", fixture("fake-agent"))
+        .env("AGENTQ_WORK_ROOT", work)
+        .env("AGENTQ_HEARTBEAT_SECONDS", "0.5")
+        .env("AGENTQ_DEADLINE_RESERVE_SECONDS", "4")
+        .env("AGENTQ_KILL_GRACE_SECONDS", "1")
+        .env("AGENTQ_LOG_FLUSH_SECONDS", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    c
+}
+
+fn work_root() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    d
+}
+
+/// The Lambda front end writes its EMF lines on stdout (CloudWatch Logs reads them) and
+/// delivers the invocation's notifications before it answers (the environment freezes
+/// after the response).
+#[tokio::test]
+async fn lambda_writes_emf_on_stdout_and_notifies_before_it_answers() {
+    use agentq_testkit::runtime_api::{Answer, RuntimeApi, lambda_env};
+    let r = resources().await;
+    let work = work_root();
+    let sink = HttpSink::start();
+    let api = RuntimeApi::start().await;
+    let mut child = agent(&r, work.path(), &[])
+        .envs(lambda_env(&api))
+        .env("AGENTQ_WEBHOOK_URL", sink.url("/hook"))
+        .env("AGENTQ_WEBHOOK_SECRET", SECRET)
+        .spawn()
+        .unwrap();
+    let event = std::fs::read_to_string(fixture("sqs-event.json")).unwrap();
+    let id = api.invoke(&event, Duration::from_secs(60));
+    let answer = api.answer(&id, Duration::from_secs(60)).await;
+    // What had arrived when the invocation answered.
+    let hooks = sink.requests();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        matches!(answer, Some(Answer::Response(_))),
+        "{answer:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let text = String::from_utf8_lossy(&out.stdout);
+    let docs = emf(&out.stdout);
+    assert_eq!(
+        docs.len(),
+        text.lines().filter(|l| !l.trim().is_empty()).count(),
+        "stdout is EMF only: {text}"
+    );
+    let started = by_event(&docs, "job_started");
+    assert_eq!(started.len(), 2, "{docs:?}");
+    for s in &started {
+        declared(s);
+        assert!(
+            s["QueueWait"].as_f64().unwrap() > 0.0,
+            "SentTimestamp → claim"
+        );
+    }
+    let mut ends: Vec<(String, String, String)> = by_event(&docs, "job_finished")
+        .iter()
+        .map(|d| {
+            declared(d);
+            (
+                d["job_id"].as_str().unwrap().to_owned(),
+                d["State"].as_str().unwrap().to_owned(),
+                d["Cause"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    ends.sort();
+    assert_eq!(
+        ends,
+        [
+            ("fixture-fail".into(), "FAILED".into(), "agent_exit".into()),
+            ("fixture-ok".into(), "SUCCEEDED".into(), "none".into()),
+        ]
+    );
+
+    assert!(
+        verify_standard_webhooks(SECRET, &hooks)
+            .iter()
+            .all(|ok| *ok)
+    );
+    let mut got: Vec<(String, String)> = hooks
+        .iter()
+        .map(|h| {
+            let v = h.json();
+            (
+                v["data"]["job_id"].as_str().unwrap().to_owned(),
+                v["type"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("fixture-fail".into(), "job.failed".into()),
+            ("fixture-fail".into(), "job.running".into()),
+            ("fixture-ok".into(), "job.running".into()),
+            ("fixture-ok".into(), "job.succeeded".into()),
+        ],
+        "delivered before the answer"
+    );
+}
+
+/// `run` prints its batch response on stdout: its metrics go to stderr by default, or to
+/// stdout before the response with AGENTQ_METRICS=stdout (the response is the one line
+/// without `_aws`); AGENTQ_METRICS=off writes none. A receiver that is down never holds
+/// the job up: the notification is dropped, counted and logged.
+#[tokio::test]
+async fn run_keeps_its_response_parseable_and_a_dead_webhook_does_not_block() {
+    let r = resources().await;
+    let work = work_root();
+    let spec = |id: &str| {
+        let p = work.path().join(format!("{id}.json"));
+        std::fs::write(
+            &p,
+            serde_json::json!({"spec_version": 1, "job_id": id, "agent": "claude-code", "prompt": "turns=1"})
+                .to_string(),
+        )
+        .unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+
+    // Default: response alone on stdout, metrics on stderr.
+    let id = unique("run-a");
+    let out = agent(&r, work.path(), &["run", "--job", &spec(&id)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resp: Value = serde_json::from_slice(&out.stdout).expect("stdout is the response");
+    assert_eq!(resp["batchItemFailures"], serde_json::json!([]));
+    let docs = emf(&out.stderr);
+    assert_eq!(by_event(&docs, "job_finished").len(), 1, "{docs:?}");
+    assert_eq!(by_event(&docs, "job_finished")[0]["State"], "SUCCEEDED");
+
+    // AGENTQ_METRICS=stdout: EMF lines, then the response.
+    let id = unique("run-b");
+    let out = agent(&r, work.path(), &["run", "--job", &spec(&id)])
+        .env("AGENTQ_METRICS", "stdout")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(emf(&out.stdout).len(), lines.len() - 1, "{text}");
+    let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert!(last.get("_aws").is_none() && last.get("batchItemFailures").is_some());
+
+    // AGENTQ_METRICS=off, and a webhook receiver that refuses connections.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/hook", closed.local_addr().unwrap());
+    drop(closed);
+    let id = unique("run-c");
+    let t = std::time::Instant::now();
+    let out = agent(&r, work.path(), &["run", "--job", &spec(&id)])
+        .env("AGENTQ_METRICS", "off")
+        .env("AGENTQ_WEBHOOK_URL", &dead)
+        .env("AGENTQ_WEBHOOK_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = JobStore::new(r.clients().dynamodb, &r.table);
+    assert_eq!(
+        store
+            .require(&JobId::parse(&id).unwrap())
+            .await
+            .unwrap()
+            .status,
+        JobState::Succeeded
+    );
+    assert!(emf(&out.stdout).is_empty() && emf(&out.stderr).is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("webhook notification dropped"), "{stderr}");
+    assert!(took < Duration::from_secs(60), "{took:?}");
+
+    // Bad settings name the setting.
+    let out = agent(&r, work.path(), &["run", "--job", &spec(&unique("run-d"))])
+        .env("AGENTQ_WEBHOOK_URL", "http://127.0.0.1:9/hook")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("AGENTQ_WEBHOOK_SECRET"), "{stderr}");
+}
