@@ -21,14 +21,20 @@ pub struct AgentArgs {
     /// least 10 s). If the agent dies, the message is back after at most this long.
     #[arg(long, env = "AGENTQ_VISIBILITY_HORIZON_SECONDS", global = true)]
     pub visibility_horizon_seconds: Option<u32>,
-    /// A RUNNING lease whose heartbeat is older than this may be taken over (default:
-    /// 4 heartbeats, at least 10 s).
-    #[arg(long, env = "AGENTQ_STALE_AFTER_SECONDS", global = true)]
+    /// A RUNNING lease whose heartbeat is older than this may be taken over. The
+    /// dispatcher's setting too (it treats such a lease as crashed): give both the same value.
+    #[arg(
+        long,
+        env = "AGENTQ_STALE_AFTER_SECONDS",
+        default_value = agentq_core::config::DEFAULT_STALE_AFTER_SECONDS_ARG,
+        global = true
+    )]
     pub stale_after_seconds: Option<f64>,
     /// Time kept back before the invocation deadline for stopping the child, uploading
     /// logs and the manifest, and the final write.
     #[arg(
-        long,
+        long = "deadline-reserve-seconds",
+        alias = "reserve-seconds",
         env = "AGENTQ_DEADLINE_RESERVE_SECONDS",
         default_value_t = 10.0,
         global = true
@@ -36,7 +42,8 @@ pub struct AgentArgs {
     pub reserve_seconds: f64,
     /// Time between SIGTERM and SIGKILL when stopping a child.
     #[arg(
-        long,
+        long = "kill-grace-seconds",
+        alias = "grace-seconds",
         env = "AGENTQ_KILL_GRACE_SECONDS",
         default_value_t = 3.0,
         global = true

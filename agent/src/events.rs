@@ -10,8 +10,27 @@ use serde_json::Value;
 /// Longest line read as an event (a longer one is still logged, not parsed).
 pub const MAX_EVENT_LINE: usize = 1024 * 1024;
 
-/// Folds one stdout line into `progress`. Returns true when the line was a JSON event.
+/// What a stream's parser remembers between lines: Claude Code prints one `assistant`
+/// event per content block of a message, each repeating the whole message's usage, so a
+/// message is counted once, by its id.
+#[derive(Debug, Default, Clone)]
+pub struct EventStream {
+    last_message_id: Option<String>,
+}
+
+impl EventStream {
+    /// Folds one stdout line into `progress`. Returns true when the line was a JSON event.
+    pub fn observe(&mut self, progress: &mut Progress, line: &[u8]) -> bool {
+        observe(Some(self), progress, line)
+    }
+}
+
+/// Folds one line with no memory of earlier lines (every `assistant` event counts).
 pub fn observe_line(progress: &mut Progress, line: &[u8]) -> bool {
+    observe(None, progress, line)
+}
+
+fn observe(state: Option<&mut EventStream>, progress: &mut Progress, line: &[u8]) -> bool {
     if line.len() > MAX_EVENT_LINE {
         return false;
     }
@@ -31,7 +50,7 @@ pub fn observe_line(progress: &mut Progress, line: &[u8]) -> bool {
         Some(s) => format!("{kind}/{s}"),
         None => kind.to_owned(),
     });
-    fold(progress, kind, &v);
+    fold(state, progress, kind, &v);
     progress.clamp();
     true
 }
@@ -65,11 +84,19 @@ fn set_session(progress: &mut Progress, id: Option<&Value>) {
     }
 }
 
-fn fold(progress: &mut Progress, kind: &str, v: &Value) {
+fn fold(state: Option<&mut EventStream>, progress: &mut Progress, kind: &str, v: &Value) {
     match kind {
         // Claude Code
         "system" => set_session(progress, v.get("session_id")),
         "assistant" => {
+            let id = v.pointer("/message/id").and_then(Value::as_str);
+            if let (Some(st), Some(id)) = (state, id) {
+                if st.last_message_id.as_deref() == Some(id) {
+                    // Another content block of the message already counted.
+                    return;
+                }
+                st.last_message_id = Some(id.chars().take(128).collect());
+            }
             progress.turns = progress.turns.saturating_add(1);
             add_usage(progress, v.pointer("/message/usage"));
         }
@@ -82,9 +109,19 @@ fn fold(progress: &mut Progress, kind: &str, v: &Value) {
                 progress.turns = u32::try_from(n).unwrap_or(u32::MAX);
             }
             if let Some(u) = v.get("usage") {
-                // The final usage is the session's total.
-                progress.input_tokens = progress.input_tokens.max(tokens(u, "input_tokens"));
-                progress.output_tokens = progress.output_tokens.max(tokens(u, "output_tokens"));
+                // The final usage is the run's total: it replaces what was counted (a
+                // field that is not a count leaves the running figure alone).
+                let total = |key: &str| {
+                    u.get(key)
+                        .and_then(Value::as_u64)
+                        .map(|n| n.min(Progress::MAX_TOKENS))
+                };
+                if let Some(n) = total("input_tokens") {
+                    progress.input_tokens = n;
+                }
+                if let Some(n) = total("output_tokens") {
+                    progress.output_tokens = n;
+                }
             }
         }
         // Codex
@@ -124,6 +161,25 @@ mod tests {
         assert_eq!((p.turns, p.input_tokens, p.output_tokens), (2, 200, 40));
         assert_eq!(p.cost_usd, 0.5);
         assert_eq!(p.last_event.as_deref(), Some("result/success"));
+    }
+
+    #[test]
+    fn claude_content_blocks_of_one_message_count_once() {
+        let mut st = EventStream::default();
+        let mut p = Progress::default();
+        for l in [
+            r#"{"type":"assistant","message":{"id":"m1","usage":{"input_tokens":100,"output_tokens":1}}}"#,
+            r#"{"type":"assistant","message":{"id":"m1","usage":{"input_tokens":100,"output_tokens":1}}}"#,
+            r#"{"type":"assistant","message":{"id":"m2","usage":{"input_tokens":300,"output_tokens":5}}}"#,
+        ] {
+            st.observe(&mut p, l.as_bytes());
+        }
+        assert_eq!((p.turns, p.input_tokens, p.output_tokens), (2, 400, 6));
+        st.observe(
+            &mut p,
+            br#"{"type":"result","subtype":"success","num_turns":2,"usage":{"input_tokens":350,"output_tokens":40}}"#,
+        );
+        assert_eq!((p.input_tokens, p.output_tokens), (350, 40));
     }
 
     #[test]

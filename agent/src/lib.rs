@@ -1,7 +1,8 @@
 //! agentq's agent: one handler over a batch of SQS messages (claim → secrets → child →
-//! heartbeats → logs → finish → partial batch response), with three front ends that all
+//! heartbeats → logs → finish → partial batch response), with four front ends that all
 //! call it: the Lambda runtime ([`lambda`]), a local poller that plays the event source
-//! mapping ([`poll`]), and a one-shot run of a spec file (`agentq-agent run`).
+//! mapping ([`poll`]), the AgentCore Runtime HTTP contract ([`serve`]), and a one-shot
+//! run of a spec file (`agentq-agent run`).
 
 pub mod checkpoint;
 pub mod child;
@@ -17,6 +18,7 @@ pub mod observe;
 pub mod poll;
 pub mod redact;
 pub mod secrets;
+pub mod serve;
 pub mod upload;
 pub mod workspace;
 

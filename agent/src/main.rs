@@ -5,9 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentq_agent::poll::{self, PollOptions};
+use agentq_agent::serve::{self, ServeArgs, ServeOptions};
 use agentq_agent::{AgentArgs, AgentConfig, Deps, Invocation, handle_batch};
 use agentq_core::metrics::MetricsTarget;
-use agentq_core::{AwsClients, Observability, ObservabilityArgs, Service, Settings, SettingsArgs};
+use agentq_core::payload::PayloadPointer;
+use agentq_core::spec::{JobSpec, ValidationContext};
+use agentq_core::{
+    AwsClients, ExitStatus, JobState, Observability, ObservabilityArgs, OutputFormat, Service,
+    Settings, SettingsArgs,
+};
 use anyhow::Context;
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use clap::{Parser, Subcommand};
@@ -15,14 +21,14 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs agentq jobs: one per SQS message.
 #[derive(Debug, Parser)]
-#[command(
-    version,
-    about,
-    after_help = "Exit codes: 0 ok; 2 bad configuration or input; 4 a `run` job did not succeed; 1 other errors."
-)]
+#[command(version, about, after_help = agentq_core::exit::HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Output format of `run` and `poll`: human-readable text, or JSON on stdout
+    /// (diagnostics stay on stderr).
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text, env = "AGENTQ_OUTPUT")]
+    output: OutputFormat,
     #[command(flatten)]
     settings: SettingsArgs,
     #[command(flatten)]
@@ -34,8 +40,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the Lambda Runtime API (the default when AWS_LAMBDA_RUNTIME_API is set).
+    #[command(after_help = agentq_core::exit::HELP)]
     Lambda,
-    /// Poll an SQS queue and play the event source mapping locally.
+    /// Poll an SQS queue and play the event source mapping locally (the mapping's
+    /// settings have the names `agentq-dispatcher deploy` gives them).
+    #[command(after_help = agentq_core::exit::HELP)]
     Poll {
         /// Messages per batch (1-10).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=10))]
@@ -43,8 +52,8 @@ enum Command {
         /// Seconds to wait to fill a batch.
         #[arg(long, default_value_t = 0.0)]
         batching_window_seconds: f64,
-        /// Batches handled at once.
-        #[arg(long, default_value_t = 2)]
+        /// Batches handled at once (the mapping's maximum concurrency).
+        #[arg(long = "max-concurrency", alias = "concurrency", default_value_t = 2)]
         concurrency: usize,
         /// Simulated function timeout per batch, in seconds.
         #[arg(long, default_value_t = 900)]
@@ -56,7 +65,12 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Run one job spec file with a simulated deadline (local debugging).
+    /// Serve the Amazon Bedrock AgentCore Runtime HTTP contract: POST /invocations (an SQS
+    /// event or a job spec), GET /ping.
+    Serve(Box<ServeArgs>),
+    /// Run one job spec file with a simulated deadline (local debugging); the exit code
+    /// says whether the job SUCCEEDED.
+    #[command(after_help = agentq_core::exit::HELP)]
     Run {
         /// The job spec (JSON), or - for stdin.
         #[arg(long)]
@@ -69,8 +83,9 @@ enum Command {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,aws=warn,hyper=warn"));
+    let filter = agentq_core::output::log_filter()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info,aws=warn,hyper=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
@@ -104,18 +119,55 @@ fn shutdown_on_signals() -> CancellationToken {
 async fn main() -> std::process::ExitCode {
     init_tracing();
     match real_main().await {
-        Ok(code) => code,
+        Ok(status) => status.into(),
         Err(e) => {
-            let usage = e.downcast_ref::<agentq_core::ConfigError>().is_some()
-                || e.downcast_ref::<agentq_agent::config::AgentConfigError>()
-                    .is_some();
             eprintln!("agentq-agent: {e:#}");
-            std::process::ExitCode::from(if usage { 2 } else { 1 })
+            exit_status(&e).into()
         }
     }
 }
 
-async fn real_main() -> anyhow::Result<std::process::ExitCode> {
+/// The exit status of an error (the codes every agentq binary uses; see `--help`).
+fn exit_status(err: &anyhow::Error) -> ExitStatus {
+    if let Some(s) = err.downcast_ref::<ExitStatus>() {
+        return *s;
+    }
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<agentq_core::ConfigError>() {
+            return e.exit_status();
+        }
+        if cause
+            .downcast_ref::<agentq_agent::config::AgentConfigError>()
+            .is_some()
+        {
+            return ExitStatus::Usage;
+        }
+        if let Some(e) = cause.downcast_ref::<agentq_core::SpecError>() {
+            return e.exit_status();
+        }
+        if let Some(e) = cause.downcast_ref::<agentq_core::StoreError>() {
+            return e.exit_status();
+        }
+    }
+    ExitStatus::Other
+}
+
+/// `run`: the spec's job id (filled in when the spec has none, so that the outcome can be
+/// read back), or a usage error naming every bad field. A pointer body is passed on as
+/// it is (the handler resolves it).
+fn prepare_run_body(body: String) -> anyhow::Result<(String, Option<agentq_core::JobId>)> {
+    if PayloadPointer::parse(&body).is_some() {
+        return Ok((body, None));
+    }
+    // Secrets are checked when they are read (as `secret_denied`), like the handler does.
+    let lenient = ValidationContext {
+        secrets_prefix: "/".into(),
+    };
+    let valid = JobSpec::parse_valid(body.as_bytes(), &lenient).context(ExitStatus::Usage)?;
+    Ok((valid.to_json(), Some(valid.job_id)))
+}
+
+async fn real_main() -> anyhow::Result<ExitStatus> {
     let cli = Cli::parse();
     // Before any job: the agent's environment (its AWS keys on Lambda) becomes unreadable
     // to its children, and escaped descendants are re-parented to it.
@@ -123,13 +175,14 @@ async fn real_main() -> anyhow::Result<std::process::ExitCode> {
     if !(hardening.non_dumpable && hardening.subreaper) {
         tracing::warn!(?hardening, "process hardening incomplete (prctl refused)");
     }
+    let output = cli.output;
     let settings = Settings::from_args(&cli.settings)?;
     let config = AgentConfig::from_args(&cli.agent)?;
-    let sdk = agentq_core::load_sdk_config().await;
+    let sdk = agentq_core::load_sdk_config().await?;
     let command = match cli.command {
         Some(c) => c,
         None if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => Command::Lambda,
-        None => anyhow::bail!("no command: use `lambda`, `poll` or `run` (see --help)"),
+        None => anyhow::bail!("no command: use `lambda`, `poll`, `serve` or `run` (see --help)"),
     };
     // EMF lines go where the front end's output is a log stream; `run` prints its
     // response on stdout, so its metrics go to stderr unless AGENTQ_METRICS says.
@@ -171,11 +224,32 @@ async fn real_main() -> anyhow::Result<std::process::ExitCode> {
                 drain_timeout: deps.config.reserve + deps.config.grace + Duration::from_secs(5),
                 wait_time: Duration::from_secs(wait_seconds),
             };
-            let stats = poll::run(deps, opts, shutdown_on_signals()).await?;
-            eprintln!(
-                "received {} deleted {} left for retry {}",
-                stats.received, stats.deleted, stats.failed
-            );
+            // Every error of the poller is the queue being unreachable or refusing us.
+            let stats = poll::run(deps, opts, shutdown_on_signals())
+                .await
+                .context(ExitStatus::Service)?;
+            if output.is_json() {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "received": stats.received,
+                        "deleted": stats.deleted,
+                        "failed": stats.failed,
+                    })
+                );
+            } else {
+                println!(
+                    "received {} deleted {} left for retry {}",
+                    stats.received, stats.deleted, stats.failed
+                );
+            }
+        }
+        Command::Serve(args) => {
+            let opts = ServeOptions::from_args(&args, &deps.config)?;
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("listening on {}", args.listen))?;
+            serve::run(deps, listener, opts, shutdown_on_signals()).await?;
         }
         Command::Run {
             job,
@@ -187,8 +261,10 @@ async fn real_main() -> anyhow::Result<std::process::ExitCode> {
                 s
             } else {
                 std::fs::read_to_string(&job)
-                    .with_context(|| format!("reading {}", job.display()))?
+                    .with_context(|| format!("reading {}", job.display()))
+                    .context(ExitStatus::Usage)?
             };
+            let (body, job_id) = prepare_run_body(body)?;
             let mut m = SqsMessage::default();
             m.message_id = Some(format!("local-{}", ulid::Ulid::new()));
             m.body = Some(body);
@@ -199,11 +275,37 @@ async fn real_main() -> anyhow::Result<std::process::ExitCode> {
                 deadline: tokio::time::Instant::now() + Duration::from_secs(deadline_seconds),
             };
             let resp = handle_batch(&deps, event, &inv, &shutdown_on_signals()).await;
-            println!("{}", serde_json::to_string(&resp)?);
-            if !resp.batch_item_failures.is_empty() {
-                return Ok(std::process::ExitCode::from(4));
+            // The outcome is the job's state: a failed job is acknowledged (its failure
+            // went to the DLQ), so the batch response alone does not tell.
+            let state = match &job_id {
+                Some(id) => deps.store.get(id).await?.map(|r| r.status),
+                None => None,
+            };
+            let status = match state {
+                _ if !resp.batch_item_failures.is_empty() => ExitStatus::JobUnsuccessful,
+                Some(s) => ExitStatus::of_job(s),
+                // A pointer body whose job id we do not know: the batch response decides.
+                None if job_id.is_none() => ExitStatus::Ok,
+                None => ExitStatus::JobUnsuccessful,
+            };
+            if output.is_json() {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "job_id": job_id,
+                        "status": state,
+                        "batch_item_failures": resp.batch_item_failures.len(),
+                    })
+                );
+            } else {
+                println!(
+                    "{} {}",
+                    job_id.as_ref().map_or("-", |j| j.as_str()),
+                    state.map_or_else(|| "left for retry".to_owned(), |s: JobState| s.to_string())
+                );
             }
+            return Ok(status);
         }
     }
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(ExitStatus::Ok)
 }

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use agentq_core::failure::DlqMessage;
@@ -114,7 +115,12 @@ async fn a_child_that_never_ends_times_out_with_everything_in_s3_before_the_dead
     let deps = deps(
         &r,
         root.path(),
-        &["--reserve-seconds", "6", "--grace-seconds", "2"],
+        &[
+            "--deadline-reserve-seconds",
+            "6",
+            "--kill-grace-seconds",
+            "2",
+        ],
     );
     let started = Instant::now();
     let deadline_ms = now_ms() + 20_000;
@@ -246,7 +252,12 @@ async fn the_same_message_twice_at_once_runs_the_child_once_and_redelivery_after
  {
     let r = resources().await;
     let root = work_root();
-    let counter = root.path().join("runs.txt");
+    // The child runs under its own unprivileged uid when the tests run as root: give it a
+    // directory outside its workspace that it may write to.
+    let shared = root.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let counter = shared.join("runs.txt");
     let deps = deps(&r, &root.path().join("ws"), &[]);
     let spec = serde_json::json!({
         "spec_version": 1, "job_id": "twice", "agent": "command",

@@ -31,6 +31,15 @@ const TRANSIENT_CODES: &[&str] = &[
     "KMSThrottlingException",
 ];
 
+/// Whether the service refused the request itself as invalid (`ValidationException`:
+/// an item over 400 KB, a number out of range, a malformed expression). Sending the same
+/// request again fails the same way, so it is never retried.
+pub fn is_invalid_request<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    err.as_service_error()
+        .and_then(|se| se.code())
+        .is_some_and(|c| c == "ValidationException")
+}
+
 /// Whether retrying the same call later could succeed: timeouts, connection failures,
 /// throttling and 5xx answers.
 pub fn is_transient<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {

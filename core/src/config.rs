@@ -1,7 +1,27 @@
 //! Configuration: the one `SdkConfig` builder (standard AWS environment: `AWS_ENDPOINT_URL`,
-//! `AWS_REGION`, `AWS_PROFILE`, the credentials chain) and agentq's own settings, read from
-//! flags with `AGENTQ_*` environment fallbacks and validated once into [`Settings`].
+//! `AWS_REGION`, `AWS_PROFILE`, the credentials chain; retries and timeouts set here, once)
+//! and agentq's own settings, read from flags with `AGENTQ_*` environment fallbacks and
+//! validated once into [`Settings`].
+//!
+//! Retries and timeouts of every AWS call are the SDK's own, configured here; nothing in
+//! core or the dispatcher retries an AWS call on top of them.
+//!
+//! | | attempt timeout | operation timeout (all attempts) |
+//! |---|---|---|
+//! | DynamoDB, SSM | 10 s | 30 s |
+//! | DynamoDB Query (a page of up to 1 MB) | 30 s | 60 s |
+//! | SQS | 25 s (a long poll waits up to 20 s) | 60 s |
+//! | S3 | 60 s (the answer comes after the whole body) | 180 s |
+//! | anything else (Lambda, ECR, STS) | 30 s | 90 s |
+//!
+//! Connect timeout 3 s everywhere. Retries: the SDK's standard mode (retry quota, backoff
+//! with full jitter from 200 ms up to 5 s), 4 attempts per call in all; the standard
+//! `AWS_MAX_ATTEMPTS` and `AWS_RETRY_MODE` (`standard`, `adaptive`) override them.
 
+use std::time::Duration;
+
+use aws_config::retry::{RetryConfig, RetryMode};
+use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
 
 use crate::layout::Layout;
@@ -9,12 +29,145 @@ use crate::layout::Layout;
 /// Default SSM path prefix for job secrets.
 pub const DEFAULT_SECRETS_PREFIX: &str = "/agentq/secrets/";
 
-/// Loads the AWS configuration from the standard environment and profile files.
+/// `AGENTQ_STALE_AFTER_SECONDS` / `--stale-after-seconds`: a `RUNNING` lease whose
+/// heartbeat is older than this is stale. The agent takes such a lease over (attempt + 1)
+/// and the dispatcher treats it as crashed, so both must use the same value: set it on
+/// both, or on neither. Keep it several heartbeats long (`AGENTQ_HEARTBEAT_SECONDS`,
+/// default 5): 30 s is 6 missed heartbeats.
+pub const STALE_AFTER_ENV: &str = "AGENTQ_STALE_AFTER_SECONDS";
+/// Default of [`STALE_AFTER_ENV`], in seconds.
+pub const DEFAULT_STALE_AFTER_SECONDS: f64 = 30.0;
+/// [`DEFAULT_STALE_AFTER_SECONDS`] as a command-line default (`default_value`).
+pub const DEFAULT_STALE_AFTER_SECONDS_ARG: &str = "30";
+/// Accepted range of [`STALE_AFTER_ENV`], in seconds.
+pub const STALE_AFTER_RANGE_SECONDS: std::ops::RangeInclusive<f64> = 1.0..=86_400.0;
+
+/// Validates `AGENTQ_STALE_AFTER_SECONDS` (the default when `None`).
+pub fn stale_after(seconds: Option<f64>) -> Result<std::time::Duration, ConfigError> {
+    let s = seconds.unwrap_or(DEFAULT_STALE_AFTER_SECONDS);
+    if !(s.is_finite() && STALE_AFTER_RANGE_SECONDS.contains(&s)) {
+        return Err(ConfigError::Invalid {
+            env: STALE_AFTER_ENV,
+            value: s.to_string(),
+            why: format!(
+                "use {}..={} seconds (default {DEFAULT_STALE_AFTER_SECONDS}), the same value for the agent and the dispatcher",
+                STALE_AFTER_RANGE_SECONDS.start(),
+                STALE_AFTER_RANGE_SECONDS.end()
+            ),
+        });
+    }
+    Ok(std::time::Duration::from_secs_f64(s))
+}
+
+/// Attempts per AWS call, the first included, unless `AWS_MAX_ATTEMPTS` says otherwise.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
+/// Largest `AWS_MAX_ATTEMPTS` accepted.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 20;
+/// First retry backoff (exponential, full jitter).
+pub const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest retry backoff: a Lambda invocation has a deadline to keep.
+pub const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Time to open a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One service's timeouts: per attempt, and per operation (all attempts and backoffs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceTimeouts {
+    pub attempt: Duration,
+    pub operation: Duration,
+}
+
+impl ServiceTimeouts {
+    /// DynamoDB and SSM answer single-item calls in milliseconds; a hung connection
+    /// is given up after 10 s (emulators on a busy machine need a few seconds).
+    pub const FAST: Self = Self {
+        attempt: Duration::from_secs(10),
+        operation: Duration::from_secs(30),
+    };
+    /// A DynamoDB Query returns a page of up to 1 MB.
+    pub const QUERY: Self = Self {
+        attempt: Duration::from_secs(30),
+        operation: Duration::from_secs(60),
+    };
+    /// SQS: a long poll (`WaitTimeSeconds` ≤ 20) answers after up to 20 s.
+    pub const SQS: Self = Self {
+        attempt: Duration::from_secs(25),
+        operation: Duration::from_secs(60),
+    };
+    /// S3: the answer to an upload comes after its whole body.
+    pub const S3: Self = Self {
+        attempt: Duration::from_secs(60),
+        operation: Duration::from_secs(180),
+    };
+    /// Every other service (Lambda, ECR, STS, credentials).
+    pub const DEFAULT: Self = Self {
+        attempt: Duration::from_secs(30),
+        operation: Duration::from_secs(90),
+    };
+
+    pub fn config(self) -> TimeoutConfig {
+        TimeoutConfig::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .operation_attempt_timeout(self.attempt)
+            .operation_timeout(self.operation)
+            .build()
+    }
+}
+
+/// The retry configuration from the standard `AWS_MAX_ATTEMPTS` and `AWS_RETRY_MODE`
+/// (read through `env`), with agentq's defaults where they are unset.
+pub fn retry_config(env: impl Fn(&str) -> Option<String>) -> Result<RetryConfig, ConfigError> {
+    let mode = match env("AWS_RETRY_MODE").filter(|v| !v.is_empty()) {
+        None => RetryMode::Standard,
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "standard" => RetryMode::Standard,
+            "adaptive" => RetryMode::Adaptive,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    env: "AWS_RETRY_MODE",
+                    value: v,
+                    why: "use standard or adaptive".into(),
+                });
+            }
+        },
+    };
+    let attempts = match env("AWS_MAX_ATTEMPTS").filter(|v| !v.is_empty()) {
+        None => DEFAULT_MAX_ATTEMPTS,
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) if (1..=MAX_ATTEMPTS_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    env: "AWS_MAX_ATTEMPTS",
+                    value: v,
+                    why: format!(
+                        "use a whole number of attempts per call from 1 (no retries) to {MAX_ATTEMPTS_LIMIT}"
+                    ),
+                });
+            }
+        },
+    };
+    let base = match mode {
+        RetryMode::Adaptive => RetryConfig::adaptive(),
+        _ => RetryConfig::standard(),
+    };
+    Ok(base
+        .with_max_attempts(attempts)
+        .with_initial_backoff(RETRY_INITIAL_BACKOFF)
+        .with_max_backoff(RETRY_MAX_BACKOFF))
+}
+
+/// Loads the AWS configuration from the standard environment and profile files, with
+/// agentq's retries and timeouts (see the module docs).
 ///
-/// Switching to a local emulator is one variable: `AWS_ENDPOINT_URL`. Retries use the
-/// SDK's standard mode (3 attempts, exponential backoff with jitter).
-pub async fn load_sdk_config() -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest()).load().await
+/// Switching to a local emulator is one variable: `AWS_ENDPOINT_URL`. Fails when
+/// `AWS_MAX_ATTEMPTS` or `AWS_RETRY_MODE` is malformed.
+pub async fn load_sdk_config() -> Result<SdkConfig, ConfigError> {
+    let retry = retry_config(|k| std::env::var(k).ok())?;
+    Ok(aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(retry)
+        .timeout_config(ServiceTimeouts::DEFAULT.config())
+        .load()
+        .await)
 }
 
 /// The AWS clients agentq uses, built once from one `SdkConfig`.
@@ -31,22 +184,55 @@ pub struct AwsClients {
 impl AwsClients {
     pub fn new(sdk: &SdkConfig) -> Self {
         Self {
-            sqs: aws_sdk_sqs::Client::new(sdk),
-            dynamodb: aws_sdk_dynamodb::Client::new(sdk),
+            sqs: sqs_client(sdk),
+            dynamodb: dynamodb_client(sdk),
             s3: s3_client(sdk),
-            ssm: aws_sdk_ssm::Client::new(sdk),
-            sts: aws_sdk_sts::Client::new(sdk),
+            ssm: ssm_client(sdk),
+            sts: aws_sdk_sts::Client::from_conf(
+                aws_sdk_sts::config::Builder::from(sdk)
+                    .timeout_config(ServiceTimeouts::FAST.config())
+                    .build(),
+            ),
         }
     }
 }
 
-/// An S3 client; path-style addressing when an endpoint override is set (emulators on
-/// `127.0.0.1`/`localhost` cannot serve virtual-host-style bucket names).
+/// An SQS client with [`ServiceTimeouts::SQS`].
+pub fn sqs_client(sdk: &SdkConfig) -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::config::Builder::from(sdk)
+            .timeout_config(ServiceTimeouts::SQS.config())
+            .build(),
+    )
+}
+
+/// A DynamoDB client with [`ServiceTimeouts::FAST`].
+pub fn dynamodb_client(sdk: &SdkConfig) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(sdk)
+            .timeout_config(ServiceTimeouts::FAST.config())
+            .build(),
+    )
+}
+
+/// An SSM client with [`ServiceTimeouts::FAST`].
+pub fn ssm_client(sdk: &SdkConfig) -> aws_sdk_ssm::Client {
+    aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::config::Builder::from(sdk)
+            .timeout_config(ServiceTimeouts::FAST.config())
+            .build(),
+    )
+}
+
+/// An S3 client with [`ServiceTimeouts::S3`]; path-style addressing when an endpoint
+/// override is set (emulators on `127.0.0.1`/`localhost` cannot serve virtual-host-style
+/// bucket names).
 pub fn s3_client(sdk: &SdkConfig) -> aws_sdk_s3::Client {
     let overridden =
         sdk.endpoint_url().is_some() || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
     let conf = aws_sdk_s3::config::Builder::from(sdk)
         .force_path_style(overridden)
+        .timeout_config(ServiceTimeouts::S3.config())
         .build();
     aws_sdk_s3::Client::from_conf(conf)
 }
@@ -219,6 +405,62 @@ mod tests {
         assert_eq!(s.layout().prefix(), "agentq");
     }
 
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn retries_default_to_standard_mode_and_follow_the_aws_variables() {
+        let rc = retry_config(env(&[])).unwrap();
+        assert_eq!(rc.mode(), RetryMode::Standard);
+        assert_eq!(rc.max_attempts(), DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(rc.initial_backoff(), RETRY_INITIAL_BACKOFF);
+        assert_eq!(rc.max_backoff(), RETRY_MAX_BACKOFF);
+        let rc = retry_config(env(&[
+            ("AWS_MAX_ATTEMPTS", "7"),
+            ("AWS_RETRY_MODE", "adaptive"),
+        ]))
+        .unwrap();
+        assert_eq!((rc.mode(), rc.max_attempts()), (RetryMode::Adaptive, 7));
+        assert_eq!(rc.max_backoff(), RETRY_MAX_BACKOFF);
+        for (k, v) in [
+            ("AWS_MAX_ATTEMPTS", "0"),
+            ("AWS_MAX_ATTEMPTS", "many"),
+            ("AWS_MAX_ATTEMPTS", "99"),
+            ("AWS_RETRY_MODE", "legacy"),
+        ] {
+            let e = retry_config(env(&[(k, v)])).unwrap_err().to_string();
+            assert!(e.contains(k) && e.contains(v) && e.contains("use"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_client_gets_its_timeouts_and_the_retry_config() {
+        let sdk = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .retry_config(retry_config(env(&[])).unwrap())
+            .timeout_config(ServiceTimeouts::DEFAULT.config())
+            .build();
+        let c = AwsClients::new(&sdk);
+        let check = |t: Option<&TimeoutConfig>, want: ServiceTimeouts| {
+            let t = t.expect("timeouts");
+            assert_eq!(t.connect_timeout(), Some(CONNECT_TIMEOUT));
+            assert_eq!(t.operation_attempt_timeout(), Some(want.attempt));
+            assert_eq!(t.operation_timeout(), Some(want.operation));
+        };
+        check(c.dynamodb.config().timeout_config(), ServiceTimeouts::FAST);
+        check(c.ssm.config().timeout_config(), ServiceTimeouts::FAST);
+        check(c.sqs.config().timeout_config(), ServiceTimeouts::SQS);
+        check(c.s3.config().timeout_config(), ServiceTimeouts::S3);
+        assert!(ServiceTimeouts::SQS.attempt > Duration::from_secs(20));
+        let rc = c.dynamodb.config().retry_config().expect("retry config");
+        assert_eq!(rc.max_attempts(), DEFAULT_MAX_ATTEMPTS);
+    }
+
     #[test]
     fn bad_settings_are_refused() {
         let args = SettingsArgs {
@@ -245,5 +487,19 @@ mod tests {
             Settings::from_args(&args).unwrap().secrets_prefix(),
             "/team/a/"
         );
+    }
+
+    #[test]
+    fn stale_after_has_one_default_and_range() {
+        assert_eq!(stale_after(None).unwrap().as_secs(), 30);
+        assert_eq!(
+            DEFAULT_STALE_AFTER_SECONDS_ARG.parse::<f64>().unwrap(),
+            DEFAULT_STALE_AFTER_SECONDS
+        );
+        assert_eq!(stale_after(Some(2.5)).unwrap().as_millis(), 2500);
+        for bad in [0.5, -1.0, f64::NAN, 100_000.0] {
+            let e = stale_after(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("AGENTQ_STALE_AFTER_SECONDS"), "{e}");
+        }
     }
 }

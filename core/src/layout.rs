@@ -62,6 +62,9 @@ pub mod attr {
     /// The attempt (N) whose failure record reached the DLQ; a redelivered message of a
     /// FAILED/TIMED_OUT job whose failure was not reported sends it then.
     pub const FAILURE_REPORTED: &str = "failure_reported";
+    /// When the rate limit that stopped the last attempt resets, epoch millis (N); set
+    /// with cause `rate_limited` when the model API said so.
+    pub const RATE_LIMIT_RESET_AT: &str = "rate_limit_reset_at";
     /// Expiry, epoch seconds (N): the table's TTL attribute.
     pub const EXPIRES_AT: &str = "expires_at";
 

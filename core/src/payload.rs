@@ -4,6 +4,11 @@
 //! Body: `["software.amazon.payloadoffloading.PayloadS3Pointer",{"s3BucketName":"B","s3Key":"K"}]`
 //! with the numeric message attribute `ExtendedPayloadSize` (older clients:
 //! `SQSLargePayloadSize`) giving the payload's size in bytes.
+//!
+//! Also the one rule for what a job record keeps as its spec ([`record_spec`]): the spec
+//! JSON, or — for a spec too large for a DynamoDB item that travels through S3 — the
+//! pointer body, which stays re-sendable as it is. Producer, agent and dispatcher all
+//! follow it; readers tell the two apart with [`PayloadPointer::parse`].
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +22,21 @@ pub const LEGACY_SIZE_ATTRIBUTE: &str = "SQSLargePayloadSize";
 /// 256 KiB; leave room for attributes).
 pub const DEFAULT_OFFLOAD_THRESHOLD: usize = 200 * 1024;
 
+/// Largest spec a job record keeps whole. A DynamoDB item holds at most 400 KB
+/// (409,600 bytes) with the record's other attributes (history, attempts, labels,
+/// progress), so a larger spec that travels through S3 is kept as its pointer body.
+pub const RECORD_SPEC_MAX_BYTES: usize = 300 * 1024;
+
+/// What a job record keeps as its spec: `spec_json`, or `pointer_body` when the spec is
+/// larger than [`RECORD_SPEC_MAX_BYTES`] and travels through S3. The object the pointer
+/// names must carry the job id, so that re-sending the pointer re-sends the same job.
+pub fn record_spec<'a>(spec_json: &'a str, pointer_body: Option<&'a str>) -> &'a str {
+    match pointer_body {
+        Some(p) if spec_json.len() > RECORD_SPEC_MAX_BYTES => p,
+        _ => spec_json,
+    }
+}
+
 /// Where an offloaded payload lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayloadPointer {
@@ -27,6 +47,11 @@ pub struct PayloadPointer {
 }
 
 impl PayloadPointer {
+    /// `s3://bucket/key`, for people.
+    pub fn url(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.key)
+    }
+
     /// The message body for this pointer.
     pub fn to_body(&self) -> String {
         serde_json::json!([POINTER_CLASS, self]).to_string()
@@ -166,11 +191,22 @@ mod tests {
             body,
             r#"["software.amazon.payloadoffloading.PayloadS3Pointer",{"s3BucketName":"b","s3Key":"agentq/payloads/x.json"}]"#
         );
+        assert_eq!(p.url(), "s3://b/agentq/payloads/x.json");
         assert_eq!(PayloadPointer::parse(&body), Some(p));
         assert_eq!(PayloadPointer::parse(r#"{"spec_version":1}"#), None);
         assert_eq!(
             PayloadPointer::parse(r#"["other.Class",{"s3BucketName":"b","s3Key":"k"}]"#),
             None
         );
+    }
+
+    #[test]
+    fn the_record_keeps_the_pointer_only_for_specs_too_large_for_an_item() {
+        let small = "{}".to_owned();
+        let big = "x".repeat(RECORD_SPEC_MAX_BYTES + 1);
+        let ptr = "[pointer]";
+        assert_eq!(record_spec(&small, Some(ptr)), small);
+        assert_eq!(record_spec(&big, Some(ptr)), ptr);
+        assert_eq!(record_spec(&big, None), big);
     }
 }

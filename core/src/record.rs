@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Attempt, JobId};
-use crate::state::JobState;
+use crate::state::{Action, JobState};
 
 /// Milliseconds since the Unix epoch.
 pub type EpochMillis = i64;
@@ -155,8 +155,7 @@ pub struct AttemptRecord {
 #[serde(default)]
 pub struct Decision {
     pub at: EpochMillis,
-    /// `retry`, `resume`, `escalate`, `fail`, `dead`, `takeover`, `cancel`.
-    pub action: String,
+    pub action: Action,
     /// Who decided: `dispatcher`, an agent's lease owner, `producer`.
     pub by: String,
     pub attempt: u32,
@@ -221,6 +220,9 @@ pub struct JobRecord {
     pub cost_usd: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reported: Option<u32>,
+    /// When the rate limit that stopped the last attempt resets (cause `rate_limited`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_reset_at: Option<EpochMillis>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
 }
@@ -259,6 +261,7 @@ impl JobRecord {
             runtime_ms: 0,
             cost_usd: 0.0,
             failure_reported: None,
+            rate_limit_reset_at: None,
             expires_at: None,
         }
     }
@@ -292,6 +295,7 @@ mod tests {
         r.result_key = Some("k".into());
         r.expires_at = Some(1);
         r.failure_reported = Some(1);
+        r.rate_limit_reset_at = Some(1);
         let v = serde_json::to_value(&r).unwrap();
         let keys: std::collections::BTreeSet<_> = v.as_object().unwrap().keys().cloned().collect();
         let expected: std::collections::BTreeSet<String> = [
@@ -321,6 +325,7 @@ mod tests {
             attr::RUNTIME_MS,
             attr::COST_USD,
             attr::FAILURE_REPORTED,
+            attr::RATE_LIMIT_RESET_AT,
             attr::EXPIRES_AT,
         ]
         .into_iter()

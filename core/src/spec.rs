@@ -13,8 +13,11 @@ use crate::ids::JobId;
 
 /// The only spec version this build understands.
 pub const SPEC_VERSION: u32 = 1;
-/// Largest serialized spec accepted anywhere (SQS' own maximum message size).
-pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
+/// Largest serialized spec accepted anywhere. Specs above the producer's offload
+/// threshold travel through S3 (SQS Extended Client pointer), so this is not SQS' limit:
+/// it bounds what an agent reads per message, with room for a maximal prompt
+/// ([`MAX_PROMPT_BYTES`]) even when JSON escaping doubles it.
+pub const MAX_SPEC_BYTES: usize = 2 * 1024 * 1024;
 /// Largest prompt.
 pub const MAX_PROMPT_BYTES: usize = 512 * 1024;
 /// Default per-job timeout when the spec gives none.
@@ -154,10 +157,12 @@ impl fmt::Display for SpecViolation {
 /// Why a spec was refused. Never retryable: the same bytes fail the same way.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SpecError {
-    /// The bytes are not a JSON object of the right shape.
+    /// The spec as a whole is unusable: not JSON (with line and column), not a JSON
+    /// object, or too large. The field is [`SPEC_FIELD`].
     #[error("job spec is not valid: {0}")]
     Parse(SpecViolation),
-    /// The spec parsed but broke one or more rules.
+    /// Fields are wrong: unknown, missing, of the wrong type, or breaking a rule. Every
+    /// violation names its field.
     #[error("job spec is not valid: {}", join(.0))]
     Invalid(Vec<SpecViolation>),
 }
@@ -251,61 +256,73 @@ impl JobSpec {
         }
     }
 
-    /// Parses JSON bytes: refuses unknown fields (except `x-…`) naming the field.
+    /// Parses JSON bytes. Every problem names its field: unknown fields (except `x-…`),
+    /// missing required fields and wrong types (by the path of the serde error, e.g.
+    /// `command`, `env.FOO`, `command[1]`) are all reported at once; bytes that are not
+    /// JSON are reported with their line and column.
     pub fn from_json(bytes: &[u8]) -> Result<JobSpec, SpecError> {
         if bytes.len() > MAX_SPEC_BYTES {
-            return Err(SpecError::Parse(SpecViolation {
-                field: "(spec)".into(),
-                message: format!(
-                    "spec is {} bytes; the limit is {MAX_SPEC_BYTES}: move large inputs to S3 and reference them",
-                    bytes.len()
-                ),
-            }));
+            return Err(whole(format!(
+                "is {} bytes; the limit is {MAX_SPEC_BYTES} (2 MiB): put large inputs in S3 and have the job fetch them",
+                bytes.len()
+            )));
         }
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-            SpecError::Parse(SpecViolation {
-                field: "(spec)".into(),
-                message: format!("not JSON ({e}): send one JSON object per message"),
-            })
-        })?;
-        let Value::Object(map) = value else {
-            return Err(SpecError::Parse(SpecViolation {
-                field: "(spec)".into(),
-                message: "not a JSON object: a spec is an object like {\"spec_version\":1,\"agent\":\"command\",\"command\":[\"true\"]}".into(),
-            }));
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| not_json(&e, bytes))?;
+        let Value::Object(mut map) = value else {
+            return Err(whole(format!(
+                "is {}, not a JSON object: a spec is an object like {{\"spec_version\":1,\"agent\":\"command\",\"command\":[\"true\"]}}",
+                describe(&value)
+            )));
         };
-        let mut map = map;
-        let ext_keys: Vec<String> = map
-            .keys()
-            .filter(|k| k.starts_with("x-"))
-            .cloned()
-            .collect();
         let mut extensions = BTreeMap::new();
-        for k in ext_keys {
-            if let Some(v) = map.remove(&k) {
-                extensions.insert(k, v);
-            }
-        }
-        for key in map.keys() {
-            if !KNOWN_FIELDS.contains(&key.as_str()) && !key.starts_with("x-") {
-                return Err(SpecError::Parse(SpecViolation {
-                    field: key.clone(),
+        let mut violations = Vec::new();
+        let keys: Vec<String> = map.keys().cloned().collect();
+        for k in keys {
+            if k.starts_with("x-") {
+                if let Some(v) = map.remove(&k) {
+                    extensions.insert(k, v);
+                }
+            } else if !KNOWN_FIELDS.contains(&k.as_str()) {
+                map.remove(&k);
+                violations.push(SpecViolation {
                     message: format!(
                         "unknown field; known fields are {}; put your own data under a key starting with `x-`",
                         KNOWN_FIELDS.join(", ")
                     ),
-                }));
+                    field: k,
+                });
             }
         }
-        let mut spec: JobSpec = serde_json::from_value(Value::Object(map)).map_err(|e| {
-            let msg = e.to_string();
-            SpecError::Parse(SpecViolation {
-                field: field_of_serde_error(&msg),
-                message: format!("{msg}: see docs/job-spec.md for the field's type"),
-            })
-        })?;
-        spec.extensions = extensions;
-        Ok(spec)
+        for required in REQUIRED_FIELDS {
+            if !map.contains_key(*required) {
+                violations.push(SpecViolation {
+                    field: (*required).to_owned(),
+                    message: format!(
+                        "is missing; every spec needs it: give {}",
+                        expected(required, false)
+                    ),
+                });
+            }
+        }
+        let map = Value::Object(map);
+        let parsed = serde_path_to_error::deserialize::<_, JobSpec>(&map);
+        if violations.is_empty()
+            && let Ok(mut spec) = parsed
+        {
+            spec.extensions = extensions;
+            return Ok(spec);
+        }
+        if let Err(e) = parsed {
+            violations.extend(type_violations(&map, &e));
+            if violations.is_empty() {
+                // Not expected (every field is described); never leave the list empty.
+                violations.push(SpecViolation {
+                    field: SPEC_FIELD.into(),
+                    message: format!("{}: see docs/job-spec.md", e.inner()),
+                });
+            }
+        }
+        Err(SpecError::Invalid(violations))
     }
 
     /// Serializes the spec, `x-` extensions included.
@@ -567,18 +584,156 @@ pub const KNOWN_FIELDS: &[&str] = &[
     "aws_credentials",
 ];
 
-fn field_of_serde_error(msg: &str) -> String {
-    // serde_json names missing fields as "missing field `agent`"; type errors carry no
-    // field name, so fall back to "(spec)".
-    if let Some(rest) = msg.split("field `").nth(1)
-        && let Some(name) = rest.split('`').next()
-    {
-        return name.to_owned();
+/// Fields every spec must have.
+pub const REQUIRED_FIELDS: &[&str] = &["spec_version", "agent"];
+
+/// What a field holds, for "expected …, got …" messages; `nested` for the entries of an
+/// array or object field (`command[0]`, `env.NAME`).
+pub fn expected(field: &str, nested: bool) -> &'static str {
+    match (field, nested) {
+        ("spec_version", _) => "the number 1",
+        ("job_id", _) => "a string of 1-64 characters A-Z a-z 0-9 _ - (or leave it out)",
+        ("agent", _) => r#"one of "claude-code", "codex", "command""#,
+        ("prompt", _) | ("model", _) => "a string",
+        ("command", false) => r#"an array of strings, e.g. ["python3", "task.py"]"#,
+        ("command", true) => "a string (every argv entry is a string)",
+        ("env", false) => r#"an object of "NAME": "value" strings"#,
+        ("secrets", false) => r#"an object of "NAME": "/ssm/parameter/name" strings"#,
+        ("secrets", true) => r#"an SSM parameter name as a string, e.g. "/agentq/secrets/token""#,
+        ("labels", false) => r#"an object of "key": "value" strings"#,
+        ("env", true) | ("labels", true) => "a string (write numbers and booleans in quotes)",
+        ("timeout_seconds", _) => "a whole number of seconds, 5..=43200",
+        ("max_turns", _) => "a whole number, 1..=10000",
+        ("max_budget_usd", _) => "a number of US dollars, e.g. 2.5",
+        ("max_attempts", _) => "a whole number, 1..=20",
+        ("resume", _) => r#""auto" or "never""#,
+        ("tier", _) => "a string of a-z 0-9 - (1-32 characters)",
+        ("aws_credentials", _) => "true or false",
+        _ => "another type (see docs/job-spec.md)",
     }
-    if msg.contains("AgentPreset") || msg.contains("claude-code") {
-        return "agent".into();
+}
+
+/// A violation of the spec as a whole.
+fn whole(message: String) -> SpecError {
+    SpecError::Parse(SpecViolation {
+        field: SPEC_FIELD.into(),
+        message,
+    })
+}
+
+/// The field name used for problems of the spec as a whole.
+pub const SPEC_FIELD: &str = "(spec)";
+
+/// Bytes that are not JSON: where (line, column) and what the parser expected there.
+fn not_json(e: &serde_json::Error, bytes: &[u8]) -> SpecError {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return whole("is empty: send one JSON object per message".into());
     }
-    "(spec)".into()
+    // serde_json's own text ends with " at line L column C"; the position is given
+    // separately, from the typed accessors.
+    let text = e.to_string();
+    let detail = text
+        .rsplit_once(" at line ")
+        .map_or(text.as_str(), |(d, _)| d);
+    let what = match e.classify() {
+        serde_json::error::Category::Eof => "the text ends before the JSON does",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data | serde_json::error::Category::Io => "invalid JSON",
+    };
+    whole(format!(
+        "not JSON: {what} at line {}, column {} ({detail}): send one JSON object per message",
+        e.line(),
+        e.column()
+    ))
+}
+
+/// A JSON value as a message shows it.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => {
+            let short: String = s.chars().take(40).collect();
+            let more = if short.len() < s.len() { "…" } else { "" };
+            format!("a string ({short:?}{more})")
+        }
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+/// The path of a serde error as a field name (`env.FOO`, `command[1]`), and the value
+/// found there.
+fn locate<'a>(
+    root: &'a Value,
+    path: &serde_path_to_error::Path,
+) -> (String, bool, Option<&'a Value>) {
+    use serde_path_to_error::Segment;
+    let mut field = String::new();
+    let mut nested = false;
+    let mut at = Some(root);
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => {
+                field.push_str(&format!("[{index}]"));
+                at = at.and_then(|v| v.get(*index));
+                nested = true;
+            }
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !field.is_empty() {
+                    field.push('.');
+                    nested = true;
+                }
+                field.push_str(key);
+                at = at.and_then(|v| v.get(key));
+            }
+            Segment::Unknown => {
+                field.push_str(if field.is_empty() { "?" } else { ".?" });
+                at = None;
+            }
+        }
+    }
+    (field, nested, at)
+}
+
+/// One violation per field whose value has the wrong type. The first is where serde
+/// stopped (`first`); the rest are found by deserializing each remaining field on its own
+/// (next to placeholders for the required fields), so one pass reports them all.
+fn type_violations(
+    root: &Value,
+    first: &serde_path_to_error::Error<serde_json::Error>,
+) -> Vec<SpecViolation> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut push = |path: &serde_path_to_error::Path, out: &mut Vec<SpecViolation>| {
+        let (field, nested, value) = locate(root, path);
+        if field.is_empty() || field == "?" {
+            return;
+        }
+        let top = field.split(['.', '[']).next().unwrap_or(&field).to_owned();
+        if !seen.insert(top.clone()) {
+            return;
+        }
+        let message = match value {
+            Some(v) => format!("expected {}, got {}", expected(&top, nested), describe(v)),
+            None => format!("expected {}", expected(&top, nested)),
+        };
+        out.push(SpecViolation { field, message });
+    };
+    push(first.path(), &mut out);
+    if let Value::Object(map) = root {
+        for (k, v) in map {
+            let mut probe = serde_json::Map::new();
+            probe.insert("spec_version".into(), Value::from(SPEC_VERSION));
+            probe.insert("agent".into(), Value::from(AgentPreset::Command.as_str()));
+            probe.insert(k.clone(), v.clone());
+            if let Err(e) = serde_path_to_error::deserialize::<_, JobSpec>(&Value::Object(probe)) {
+                push(e.path(), &mut out);
+            }
+        }
+    }
+    out
 }
 
 fn is_env_name(k: &str) -> bool {

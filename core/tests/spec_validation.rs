@@ -1,7 +1,10 @@
-//! Every validation rule rejects a bad spec with a message that names the field, and the
-//! checked-in JSON Schema matches the Rust type.
+//! Every way a spec can be bad (not JSON, not an object, unknown, missing and wrongly
+//! typed fields, nested entries, broken rules) is refused with a message that names the
+//! field and the fix; the checked-in JSON Schema matches the Rust type.
 
-use agentq_core::spec::{JobSpec, ValidationContext, json_schema};
+use agentq_core::spec::{
+    JobSpec, MAX_PROMPT_BYTES, MAX_SPEC_BYTES, ValidationContext, expected, json_schema,
+};
 
 fn ctx() -> ValidationContext {
     ValidationContext {
@@ -11,13 +14,30 @@ fn ctx() -> ValidationContext {
 
 /// (case, spec JSON, field that must be named, a word the message must contain)
 const BAD: &[(&str, &str, &str, &str)] = &[
-    ("not json", "{nope", "(spec)", "JSON"),
+    // The spec as a whole.
+    ("not json", "{nope", "(spec)", "line 1, column 2"),
+    (
+        "not json, later line",
+        "{\n  \"spec_version\": 1,\n  \"agent\": }",
+        "(spec)",
+        "line 3",
+    ),
+    ("truncated json", r#"{"spec_version":1"#, "(spec)", "ends"),
+    ("empty body", "  ", "(spec)", "empty"),
     ("not an object", "[1,2]", "(spec)", "object"),
+    ("a string", r#""hello""#, "(spec)", "not a JSON object"),
+    // Field names.
     (
         "unknown field",
         r#"{"spec_version":1,"agent":"command","command":["true"],"colour":"red"}"#,
         "colour",
         "x-",
+    ),
+    (
+        "second unknown field",
+        r#"{"spec_version":1,"agent":"command","command":["true"],"colour":"red","size":3}"#,
+        "size",
+        "unknown field",
     ),
     (
         "missing agent",
@@ -26,11 +46,115 @@ const BAD: &[(&str, &str, &str, &str)] = &[
         "missing",
     ),
     (
+        "missing spec_version",
+        r#"{"agent":"command","command":["true"]}"#,
+        "spec_version",
+        "missing",
+    ),
+    // Wrong types, named by the path of the serde error.
+    (
+        "command not an array",
+        r#"{"spec_version":1,"agent":"command","command":"not-an-array"}"#,
+        "command",
+        "an array of strings",
+    ),
+    (
+        "argv entry not a string",
+        r#"{"spec_version":1,"agent":"command","command":["echo",1]}"#,
+        "command[1]",
+        "got 1",
+    ),
+    (
+        "argv entry an array",
+        r#"{"spec_version":1,"agent":"command","command":[["echo"]]}"#,
+        "command[0]",
+        "got an array",
+    ),
+    (
+        "env not an object",
+        r#"{"spec_version":1,"agent":"command","command":["true"],"env":"A=B"}"#,
+        "env",
+        "an object",
+    ),
+    (
+        "env value a number",
+        r#"{"spec_version":1,"agent":"command","command":["true"],"env":{"FOO":1}}"#,
+        "env.FOO",
+        "in quotes",
+    ),
+    (
+        "secret value a boolean",
+        r#"{"spec_version":1,"agent":"command","command":["true"],"secrets":{"X":true}}"#,
+        "secrets.X",
+        "SSM parameter name",
+    ),
+    (
+        "label value a number",
+        r#"{"spec_version":1,"agent":"command","command":["true"],"labels":{"n":7}}"#,
+        "labels.n",
+        "got 7",
+    ),
+    (
+        "timeout a string",
+        r#"{"spec_version":1,"agent":"command","command":["true"],"timeout_seconds":"600"}"#,
+        "timeout_seconds",
+        "whole number of seconds",
+    ),
+    (
+        "max_turns negative",
+        r#"{"spec_version":1,"agent":"claude-code","prompt":"p","max_turns":-1}"#,
+        "max_turns",
+        "got -1",
+    ),
+    (
+        "max_attempts fractional",
+        r#"{"spec_version":1,"agent":"command","command":["true"],"max_attempts":1.5}"#,
+        "max_attempts",
+        "whole number",
+    ),
+    (
+        "budget a string",
+        r#"{"spec_version":1,"agent":"claude-code","prompt":"p","max_budget_usd":"5"}"#,
+        "max_budget_usd",
+        "US dollars",
+    ),
+    (
+        "aws_credentials a string",
+        r#"{"spec_version":1,"agent":"command","command":["true"],"aws_credentials":"yes"}"#,
+        "aws_credentials",
+        "true or false",
+    ),
+    (
+        "unknown resume policy",
+        r#"{"spec_version":1,"agent":"command","command":["true"],"resume":"sometimes"}"#,
+        "resume",
+        "\"never\"",
+    ),
+    (
+        "agent null",
+        r#"{"spec_version":1,"agent":null,"command":["true"]}"#,
+        "agent",
+        "got null",
+    ),
+    (
+        "spec_version a string",
+        r#"{"spec_version":"1","agent":"command","command":["true"]}"#,
+        "spec_version",
+        "the number 1",
+    ),
+    (
+        "job_id a number",
+        r#"{"spec_version":1,"job_id":42,"agent":"command","command":["true"]}"#,
+        "job_id",
+        "got 42",
+    ),
+    (
         "unknown preset",
         r#"{"spec_version":1,"agent":"gpt","command":["true"]}"#,
         "agent",
         "claude-code",
     ),
+    // Rules.
     (
         "wrong version",
         r#"{"spec_version":2,"agent":"command","command":["true"]}"#,
@@ -163,12 +287,6 @@ const BAD: &[(&str, &str, &str, &str)] = &[
         "tier",
         "a-z",
     ),
-    (
-        "wrong type",
-        r#"{"spec_version":1,"agent":"command","command":"true"}"#,
-        "(spec)",
-        "sequence",
-    ),
 ];
 
 #[test]
@@ -191,6 +309,51 @@ fn all_violations_are_reported_at_once() {
     let json = r#"{"spec_version":1,"agent":"command","command":["true"],"env":{"PATH":"x","LD_X":"y"},"timeout_seconds":1}"#;
     let err = JobSpec::parse_valid(json.as_bytes(), &ctx()).unwrap_err();
     assert_eq!(err.violations().len(), 3, "{err}");
+}
+
+#[test]
+fn every_shape_problem_is_reported_at_once() {
+    // Unknown, missing and wrongly typed fields, all in one spec.
+    let json = r#"{"spec_version":1,"command":"x","env":{"A":1},"timeout_seconds":"9","colour":1}"#;
+    let err = JobSpec::from_json(json.as_bytes()).unwrap_err();
+    let fields: Vec<String> = err.violations().into_iter().map(|v| v.field).collect();
+    assert_eq!(
+        fields,
+        ["colour", "agent", "command", "env.A", "timeout_seconds"],
+        "{err}"
+    );
+}
+
+#[test]
+fn every_field_has_a_type_description() {
+    for f in agentq_core::spec::KNOWN_FIELDS {
+        assert!(
+            !expected(f, false).contains("another type"),
+            "no description of {f}"
+        );
+    }
+    for f in ["command", "env", "secrets", "labels"] {
+        assert_ne!(expected(f, true), expected(f, false), "{f} entries");
+    }
+}
+
+#[test]
+fn size_limit_accepts_whatever_the_field_limits_accept() {
+    // A maximal prompt whose JSON escaping doubles it is still a valid spec.
+    let prompt = "\"".repeat(MAX_PROMPT_BYTES);
+    let json =
+        serde_json::json!({"spec_version": 1, "agent": "codex", "prompt": prompt}).to_string();
+    assert!(json.len() > 2 * MAX_PROMPT_BYTES);
+    JobSpec::parse_valid(json.as_bytes(), &ctx()).expect("a maximal prompt is accepted");
+    // Above the whole-spec limit: named against the spec.
+    let json = serde_json::json!({"spec_version": 1, "agent": "command", "command": ["true"],
+        "x-blob": "b".repeat(MAX_SPEC_BYTES)})
+    .to_string();
+    let err = JobSpec::from_json(json.as_bytes()).unwrap_err();
+    assert!(
+        err.names_field("(spec)") && err.to_string().contains("2 MiB"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! The dispatcher's errors. Each message says what failed, on which resource, and what
-//! to do next; retryability of a re-plan error is decided here, from typed causes.
+//! to do next; retryability of a re-plan error and the exit status of each error (the
+//! codes every agentq binary shares) are decided here, from typed causes.
 
 use std::path::PathBuf;
 
-use agentq_core::StoreError;
 use agentq_core::payload::PayloadError;
+use agentq_core::{ExitStatus, StoreError};
 
 /// A re-plan policy that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,7 @@ pub enum ReplanError {
         job_id: String,
         op: &'static str,
         queue: String,
+        transient: bool,
         message: String,
     },
     #[error(transparent)]
@@ -43,6 +45,19 @@ pub enum ReplanError {
     InFlight { job_id: String, age_ms: i64 },
     #[error("job {job_id}: the record kept changing while re-planning; retrying later")]
     Contended { job_id: String },
+}
+
+impl ReplanError {
+    /// Whether handling the same message later may succeed (it is left on the DLQ
+    /// either way; this is for logs and counters).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_retryable(),
+            Self::Sqs { transient, .. } => *transient,
+            Self::Payload(e) => e.is_retryable(),
+            Self::InFlight { .. } | Self::Contended { .. } => true,
+        }
+    }
 }
 
 /// `deploy` failed. Messages name the resource and the next step.
@@ -97,4 +112,40 @@ pub enum DeployError {
         repository: String,
         reference: String,
     },
+}
+
+impl PolicyError {
+    /// Always [`ExitStatus::Usage`]: the policy (file or flags) must be fixed.
+    pub fn exit_status(&self) -> ExitStatus {
+        ExitStatus::Usage
+    }
+}
+
+impl ReplanError {
+    /// AWS errors as such; a plan in flight elsewhere or a contended record is "other".
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            Self::Store(e) => e.exit_status(),
+            Self::Payload(e) => e.exit_status(),
+            Self::Sqs { .. } => ExitStatus::Service,
+            Self::InFlight { .. } | Self::Contended { .. } => ExitStatus::Other,
+        }
+    }
+}
+
+impl DeployError {
+    /// Bad options, files or queue settings are usage errors; a missing function or
+    /// image is "not found"; AWS failures and updates that never finish are AWS errors; a
+    /// failing build command is "other".
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            Self::Invalid(_)
+            | Self::NoBuilder { .. }
+            | Self::File { .. }
+            | Self::VisibilityTooShort { .. } => ExitStatus::Usage,
+            Self::NoFunction { .. } | Self::NoImage { .. } => ExitStatus::NotFound,
+            Self::Aws { .. } | Self::Timeout { .. } => ExitStatus::Service,
+            Self::Command { .. } => ExitStatus::Other,
+        }
+    }
 }

@@ -1,23 +1,31 @@
-//! `agentq-dispatcher`: the DLQ re-planner (Lambda or poller) and `deploy`.
+//! `agentq-dispatcher`: the DLQ re-planner (Lambda or poller), the sweep, and `deploy`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use agentq_core::metrics::MetricsTarget;
-use agentq_core::{JobStore, Observability, ObservabilityArgs, Service, Settings, SettingsArgs};
-use agentq_dispatcher::deploy::{self, DeployArgs, DeployClients, OutputFormat};
-use agentq_dispatcher::poller::{self, PollOptions};
-use agentq_dispatcher::{Policy, RawPolicy, Replanner};
+use agentq_core::{
+    ExitStatus, JobStore, Observability, ObservabilityArgs, OutputFormat, Service, Settings,
+    SettingsArgs,
+};
+use agentq_dispatcher::deploy::{self, DeployArgs, DeployClients};
+use agentq_dispatcher::poller::{self, PollError, PollOptions};
+use agentq_dispatcher::{DeployError, Policy, PolicyError, RawPolicy, ReplanError, Replanner};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "agentq-dispatcher",
     version,
-    about = "Re-plans agentq's dead-letter queue and deploys the agent image"
+    about = "Re-plans agentq's dead-letter queue, sweeps stranded jobs, and deploys the agent image",
+    after_help = agentq_core::exit::HELP
 )]
 struct Cli {
+    /// Output format: human-readable text, or JSON on stdout (messages stay on stderr).
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text, env = "AGENTQ_OUTPUT")]
+    output: OutputFormat,
     #[command(flatten)]
     settings: SettingsArgs,
     #[command(flatten)]
@@ -32,23 +40,35 @@ struct PolicyArgs {
     /// Re-plan policy file (TOML, or JSON when it ends in .json); see docs/dispatcher.md.
     #[arg(long, env = "AGENTQ_POLICY")]
     policy: Option<PathBuf>,
-    /// A capacity tier and its queue, NAME=URL, in escalation order (repeat, or comma-separate in the env var).
-    #[arg(long = "tier-queue", env = "AGENTQ_TIER_QUEUES", value_delimiter = ',', value_parser = parse_tier)]
+    /// Capacity tiers and their queues, NAME=URL, in escalation order (repeat, or comma-separate).
+    #[arg(long, alias = "tier-queue", env = "AGENTQ_TIER_QUEUES", value_delimiter = ',', value_parser = parse_tier)]
     tier_queues: Vec<(String, String)>,
-    /// A RUNNING lease whose heartbeat is older than this is a crash (overrides the file).
-    #[arg(long, env = "AGENTQ_STALE_AFTER")]
-    stale_after: Option<String>,
+    /// Seconds after which a RUNNING lease without a heartbeat is a crash (overrides the
+    /// policy file). The agent's setting too: give both the same value [default: 30].
+    #[arg(long, env = "AGENTQ_STALE_AFTER_SECONDS")]
+    stale_after_seconds: Option<f64>,
+    /// Deprecated: `AGENTQ_STALE_AFTER` as a duration (e.g. 15m); use --stale-after-seconds.
+    #[arg(long = "stale-after", env = "AGENTQ_STALE_AFTER", hide = true)]
+    stale_after_deprecated: Option<String>,
+    /// true: a segment that timed out and could resume resumes on the next tier (longer
+    /// invocations, e.g. Lambda Managed Instances) instead of its own; overrides the
+    /// file's causes.timed_out.escalate_resumable.
+    #[arg(long, env = "AGENTQ_ESCALATE_TIMEOUTS", action = clap::ArgAction::Set)]
+    escalate_timeouts: Option<bool>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run as the Lambda function behind the DLQ's event source mapping (the default
-    /// when AWS_LAMBDA_RUNTIME_API is set and no command is given).
+    /// Run as the Lambda function behind the DLQ's event source mapping and the sweep's
+    /// schedule (the default when AWS_LAMBDA_RUNTIME_API is set and no command is given).
+    #[command(after_help = agentq_core::exit::HELP)]
     Lambda {
         #[command(flatten)]
         policy: PolicyArgs,
     },
-    /// Poll the DLQ and re-plan each message (the same handler as `lambda`).
+    /// Poll the DLQ and re-plan each message (the same handler as `lambda`); prints the
+    /// counters when it stops.
+    #[command(after_help = agentq_core::exit::HELP)]
     Replan {
         #[command(flatten)]
         policy: PolicyArgs,
@@ -59,7 +79,17 @@ enum Command {
         #[arg(long)]
         wait_seconds: Option<i32>,
     },
+    /// Find jobs whose message is gone (stranded RUNNING, lost QUEUED, unsent plans) and re-plan them; prints a report as JSON.
+    #[command(after_help = agentq_core::exit::HELP)]
+    Sweep {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Sweep again after this long until SIGINT/SIGTERM (e.g. 5m); default: once.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        every: Option<std::time::Duration>,
+    },
     /// Build, push and launch the agent image on Lambda (see --dry-run).
+    #[command(after_help = agentq_core::exit::HELP)]
     Deploy(Box<DeployArgs>),
 }
 
@@ -72,7 +102,9 @@ fn parse_tier(s: &str) -> Result<(String, String), String> {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = agentq_core::output::log_filter()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -93,8 +125,28 @@ async fn replanner(
         Some(p) => RawPolicy::from_file(p)?,
         None => RawPolicy::default(),
     };
-    if let Some(s) = &args.stale_after {
-        raw.stale_after = Some(s.clone());
+    if let Some(s) = args.stale_after_seconds {
+        raw.stale_after_seconds = Some(s);
+        raw.stale_after = None;
+    } else if let Some(old) = &args.stale_after_deprecated {
+        let d = humantime::parse_duration(old).map_err(|e| {
+            anyhow::anyhow!(
+                "AGENTQ_STALE_AFTER={old:?} is not a duration ({e}); it is deprecated anyway: set AGENTQ_STALE_AFTER_SECONDS"
+            )
+            .context(ExitStatus::Usage)
+        })?;
+        tracing::warn!(
+            "AGENTQ_STALE_AFTER / --stale-after is deprecated: set AGENTQ_STALE_AFTER_SECONDS={} (the agent reads the same variable)",
+            d.as_secs_f64()
+        );
+        raw.stale_after_seconds = Some(d.as_secs_f64());
+        raw.stale_after = None;
+    }
+    if let Some(on) = args.escalate_timeouts {
+        raw.causes
+            .entry("timed_out".into())
+            .or_default()
+            .escalate_resumable = Some(on);
     }
     let policy = Policy::build(&raw, &args.tier_queues, settings.queue_url()?)?;
     let clients = agentq_core::AwsClients::new(sdk);
@@ -108,24 +160,32 @@ async fn replanner(
     .with_observability(obs))
 }
 
-async fn shutdown_signal() {
+/// A token cancelled at SIGINT or SIGTERM.
+fn shutdown_on_signals() -> CancellationToken {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+        t.cancel();
+    });
+    token
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let output = cli.output;
     let settings = Settings::from_args(&cli.settings)?;
-    let sdk = agentq_core::load_sdk_config().await;
+    let sdk = agentq_core::load_sdk_config().await?;
     match cli.command {
         Command::Lambda { policy } => {
             let obs = Observability::build(
@@ -138,12 +198,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = replanner(&settings, &policy, &sdk, obs).await?;
             let r = &r;
             lambda_runtime::run(lambda_runtime::service_fn(
-                move |ev: lambda_runtime::LambdaEvent<aws_lambda_events::event::sqs::SqsEvent>| async move {
-                    Ok::<_, lambda_runtime::Error>(r.handle(ev.payload).await)
+                move |ev: lambda_runtime::LambdaEvent<serde_json::Value>| async move {
+                    let left = ev
+                        .context
+                        .deadline()
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default();
+                    let deadline = tokio::time::Instant::now() + left;
+                    agentq_dispatcher::lambda::handle(r, ev.payload, deadline)
+                        .await
+                        .map_err(lambda_runtime::Error::from)
                 },
             ))
             .await
             .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+        }
+        Command::Sweep { policy, every } => {
+            // stdout carries the reports: metrics go to stderr unless told otherwise.
+            let obs = Observability::build(
+                &cli.observability,
+                Service::Dispatcher,
+                "default",
+                MetricsTarget::Stderr,
+                &sdk,
+            )?;
+            let r = replanner(&settings, &policy, &sdk, obs).await?;
+            let shutdown = shutdown_on_signals();
+            loop {
+                let report = r.sweep(None).await;
+                r.flush_observability(
+                    tokio::time::Instant::now() + std::time::Duration::from_secs(5),
+                )
+                .await;
+                let report = report?;
+                println!("{}", serde_json::to_string(&report)?);
+                let Some(every) = every else { break };
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+            Ok(())
         }
         Command::Replan {
             policy,
@@ -159,14 +254,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &sdk,
             )?;
             let r = replanner(&settings, &policy, &sdk, obs).await?;
-            let opts = PollOptions {
-                dlq_url: settings.dlq_url()?.to_owned(),
-                wait_seconds: wait_seconds.unwrap_or(if once { 1 } else { 20 }),
+            let opts = PollOptions::new(
+                settings.dlq_url()?,
+                wait_seconds.unwrap_or(if once { 1 } else { 20 }),
                 once,
-            };
-            let sqs = aws_sdk_sqs::Client::new(&sdk);
-            let stats = poller::run(&r, &sqs, &opts, shutdown_signal()).await?;
-            println!("{}", serde_json::to_string(&stats)?);
+            );
+            let sqs = agentq_core::config::sqs_client(&sdk);
+            let stats = poller::run(&r, &sqs, &opts, shutdown_on_signals()).await?;
+            if output.is_json() {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!(
+                    "planned {} resent {} dropped {} unparseable {} left for retry {}",
+                    stats.planned, stats.resent, stats.dropped, stats.unparseable, stats.failed
+                );
+            }
             Ok(())
         }
         Command::Deploy(args) => {
@@ -188,8 +290,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 dlq: settings.dlq_url().ok().map(str::to_owned),
             };
             let report = deploy::run(&clients, &args, &queues, &root, &env).await?;
-            match args.output {
-                OutputFormat::Human => print!("{}", report.render()),
+            match output {
+                OutputFormat::Text => print!("{}", report.render()),
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             }
             Ok(())
@@ -207,6 +309,31 @@ fn command_line() -> Vec<std::ffi::OsString> {
     args
 }
 
+/// The exit status of an error (the codes every agentq binary uses; see `--help`).
+fn exit_status(err: &anyhow::Error) -> ExitStatus {
+    if let Some(s) = err.downcast_ref::<ExitStatus>() {
+        return *s;
+    }
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<agentq_core::ConfigError>() {
+            return e.exit_status();
+        }
+        if let Some(e) = cause.downcast_ref::<PolicyError>() {
+            return e.exit_status();
+        }
+        if let Some(e) = cause.downcast_ref::<DeployError>() {
+            return e.exit_status();
+        }
+        if let Some(e) = cause.downcast_ref::<ReplanError>() {
+            return e.exit_status();
+        }
+        if cause.downcast_ref::<PollError>().is_some() {
+            return ExitStatus::Service;
+        }
+    }
+    ExitStatus::Other
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse_from(command_line());
@@ -215,7 +342,41 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agentq-dispatcher: {e:#}");
-            ExitCode::FAILURE
+            exit_status(&e).into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn errors_map_to_the_shared_exit_codes() {
+        let policy = anyhow::Error::new(PolicyError::Invalid {
+            field: "stale_after_seconds".into(),
+            why: "x".into(),
+        });
+        assert_eq!(exit_status(&policy), ExitStatus::Usage);
+        let missing = anyhow::Error::new(DeployError::NoFunction {
+            function: "f".into(),
+        });
+        assert_eq!(exit_status(&missing), ExitStatus::NotFound);
+        let poll = anyhow::Error::new(PollError {
+            op: "ReceiveMessage",
+            queue: "q".into(),
+            message: "denied".into(),
+            transient: false,
+        });
+        assert_eq!(exit_status(&poll.context("polling")), ExitStatus::Service);
+        let tagged = anyhow::anyhow!("bad").context(ExitStatus::Usage);
+        assert_eq!(exit_status(&tagged), ExitStatus::Usage);
+        assert_eq!(exit_status(&anyhow::anyhow!("other")), ExitStatus::Other);
     }
 }

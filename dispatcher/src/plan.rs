@@ -1,6 +1,6 @@
-//! The re-plan decision, as a pure function of what the DLQ message says, the job's
-//! record, the policy and the clock: [`decide`] returns a [`Step`] and touches nothing.
-//! [`crate::replan`] applies it (conditional write first, then the enqueue).
+//! The re-plan decision, as a pure function of what the DLQ message (or the sweep) says,
+//! the job's record, the policy and the clock: [`decide`] returns a [`Step`] and touches
+//! nothing. [`crate::replan`] applies it (conditional write first, then the enqueue).
 //!
 //! | input | record | step |
 //! |---|---|---|
@@ -13,18 +13,24 @@
 //! | raw spec | `RUNNING`, live heartbeat | drop (duplicate delivery of a running job) |
 //! | raw spec | `FAILED`/`TIMED_OUT` not re-planned | plan from the record's own cause |
 //! | raw spec | `SUCCEEDED`/`CANCELLED`/`DEAD` | drop |
+//! | sweep | `RUNNING`, heartbeat older than the strand limit | stranded: plan as `crashed` |
+//! | sweep | `QUEUED` longer than `sweep.queued_after` (past any planned delay), its queue empty | message lost: retry (never ran) |
+//! | sweep | anything else | drop |
 //! | any | a plan of this attempt not marked enqueued | re-send it once older than `resend_after`, else retry later |
 //!
 //! Plans by cause:
 //!
 //! | cause | plan |
 //! |---|---|
-//! | `invalid_spec`, `secret_denied`, `agent_exit` | `DEAD`, action `fail` (no retry) |
+//! | `invalid_spec`, `secret_denied`, `agent_exit`, `budget_exceeded` | `DEAD`, action `fail` (no retry) |
 //! | `cancelled` | stays `CANCELLED`, action `fail` |
-//! | any retryable, past a budget (cost, total runtime, attempts, segments) | `DEAD`, action `dead` |
+//! | any retryable, the job was cancelled meanwhile | `CANCELLED`, action `fail` |
+//! | any retryable, past a budget (cost, total runtime, attempts, segments, pauses) | `DEAD`, action `dead` |
+//! | `rate_limited` | after the reset (or backoff): `RESUMING` the session, else `RETRY_SCHEDULED`; action `pause`, not an attempt |
+//! | `resume_failed` | `RETRY_SCHEDULED` afresh (session dropped, segment + 1), action `retry` |
 //! | `crashed` for the `escalate_after_crashes`-th time on a tier with a bigger tier | `RETRY_SCHEDULED` on the next tier, action `escalate` |
 //! | `infra_transient`, `crashed`, never ran | `RETRY_SCHEDULED` (never ran: state kept), backoff + jitter, action `retry` |
-//! | `timed_out`, session known, `resume` ≠ never | `RESUMING`, segment + 1, action `resume` |
+//! | `timed_out`, session known, `resume` ≠ never | `RESUMING`, segment + 1, action `resume` (on the next tier when `causes.timed_out.escalate_resumable`) |
 //! | `timed_out` without a session | next tier if any (action `escalate`), else `DEAD` (action `fail`) |
 
 use std::time::Duration;
@@ -33,30 +39,14 @@ use agentq_core::failure::FailureRecord;
 use agentq_core::record::{Decision, EpochMillis, JobRecord};
 use agentq_core::spec::{DEFAULT_TIMEOUT_SECONDS, JobSpec, ResumePolicy};
 use agentq_core::store::Replan;
-use agentq_core::{FailureCause, JobState};
+use agentq_core::{Action, CauseKind, FailureCause, JobState};
 
 use crate::policy::{DEFAULT_TIER, Policy, backoff};
 
 /// Who the dispatcher's decisions are by.
 pub const BY: &str = "dispatcher";
 
-/// Decision actions the dispatcher writes.
-pub mod action {
-    pub const RETRY: &str = "retry";
-    pub const RESUME: &str = "resume";
-    pub const ESCALATE: &str = "escalate";
-    pub const FAIL: &str = "fail";
-    pub const DEAD: &str = "dead";
-    /// Written after the SendMessage of a re-enqueue succeeded (see [`crate::replan`]).
-    pub const ENQUEUED: &str = "enqueued";
-    /// Written by an agent's claim that took over a stale lease.
-    pub const TAKEOVER: &str = "takeover";
-}
-
-/// Actions that put the job on a queue again.
-const REQUEUE: [&str; 3] = [action::RETRY, action::RESUME, action::ESCALATE];
-
-/// What a DLQ message says, once parsed.
+/// What a DLQ message (or the sweep) says, once parsed.
 #[derive(Debug, Clone)]
 pub enum Input<'a> {
     /// An explicit, classified failure record from the agent.
@@ -64,6 +54,10 @@ pub enum Input<'a> {
     /// A job spec SQS redrove after `maxReceiveCount`; `plan_seq` is the plan number the
     /// message was sent under (0 for an upstream original).
     Redriven { plan_seq: u32 },
+    /// The sweep found the job in a state that may be stranded (see [`crate::sweep`]);
+    /// `queue_idle` when the job's queue held no message at all (visible, delayed or in
+    /// flight) when it looked.
+    Sweep { queue_idle: bool },
 }
 
 /// A re-enqueue of the job's spec.
@@ -108,7 +102,8 @@ pub enum Step {
 #[derive(Debug, Clone, PartialEq)]
 enum Cause {
     Failure(FailureCause),
-    /// Redriven without ever being claimed (e.g. the runtime died before the claim).
+    /// Redriven without ever being claimed (e.g. the runtime died before the claim), or
+    /// left `QUEUED` without a message.
     NeverRan,
 }
 
@@ -117,10 +112,10 @@ pub const NEVER_RAN: &str = "never_ran";
 
 impl Cause {
     /// The policy section that applies (a job that never ran is treated as a crash).
-    fn kind(&self) -> &'static str {
+    fn kind(&self) -> CauseKind {
         match self {
-            Self::Failure(c) => c.kind(),
-            Self::NeverRan => FailureCause::Crashed.kind(),
+            Self::Failure(c) => c.cause_kind(),
+            Self::NeverRan => CauseKind::Crashed,
         }
     }
 
@@ -135,16 +130,23 @@ impl Cause {
 
 fn by_dispatcher<'a>(
     rec: &'a JobRecord,
-    actions: &'a [&str],
+    actions: &'a [Action],
 ) -> impl Iterator<Item = &'a Decision> {
     rec.history
         .iter()
-        .filter(move |d| d.by == BY && actions.contains(&d.action.as_str()))
+        .filter(move |d| d.by == BY && actions.contains(&d.action))
+}
+
+fn count(rec: &JobRecord, actions: &[Action]) -> u32 {
+    by_dispatcher(rec, actions).count() as u32
 }
 
 /// How many re-enqueue plans the job has had: the plan number of its latest message.
 pub fn plan_seq(rec: &JobRecord) -> u32 {
-    by_dispatcher(rec, &REQUEUE).count() as u32
+    rec.history
+        .iter()
+        .filter(|d| d.by == BY && d.action.requeues())
+        .count() as u32
 }
 
 /// The latest re-enqueue plan of the current attempt when it is not marked enqueued and
@@ -154,13 +156,33 @@ pub fn pending_enqueue(rec: &JobRecord) -> Option<&Decision> {
         return None;
     }
     let attempt = rec.attempt.get();
-    let (i, d) = rec.history.iter().enumerate().rev().find(|(_, d)| {
-        d.by == BY && d.attempt == attempt && REQUEUE.contains(&d.action.as_str())
-    })?;
+    let (i, d) = rec
+        .history
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, d)| d.by == BY && d.attempt == attempt && d.action.requeues())?;
     let marked = rec.history[i + 1..]
         .iter()
-        .any(|m| m.by == BY && m.action == action::ENQUEUED && m.attempt == attempt);
+        .any(|m| m.by == BY && m.action == Action::Enqueued && m.attempt == attempt);
     (!marked).then_some(d)
+}
+
+/// When the job's latest re-enqueue is due to reach an agent (its decision time plus
+/// its delay), if it had one.
+fn last_plan_due(rec: &JobRecord) -> Option<EpochMillis> {
+    rec.history
+        .iter()
+        .rev()
+        .find(|d| d.by == BY && d.action.requeues())
+        .map(|d| d.at + d.delay_seconds.unwrap_or(0) as i64 * 1000)
+}
+
+/// Segments used by resuming timed-out sessions (the `max_segments` budget): the first
+/// plus one per `resume`. Rate-limit pauses and fresh starts after a failed resume move
+/// the segment counter too, but are bounded by their own budgets.
+fn segments_used(rec: &JobRecord) -> u32 {
+    1 + count(rec, &[Action::Resume])
 }
 
 /// Limits that come from the job's spec (defaults when it cannot be read).
@@ -191,28 +213,22 @@ fn limits(rec: &JobRecord) -> Limits {
 }
 
 /// The cause a finished record carries (for a raw spec redriven after its failure
-/// record was lost).
+/// record was lost): its own, else a timeout for `TIMED_OUT` and an exit otherwise.
 fn cause_from_record(rec: &JobRecord) -> FailureCause {
-    match rec.cause.as_deref() {
-        Some("invalid_spec") => FailureCause::InvalidSpec,
-        Some("secret_denied") => FailureCause::SecretDenied,
-        Some("cancelled") => FailureCause::Cancelled,
-        Some("infra_transient") => FailureCause::InfraTransient,
-        Some("crashed") => FailureCause::Crashed,
-        Some("timed_out") => FailureCause::TimedOut {
-            resumable: rec.resume_session.is_some(),
-        },
-        _ if rec.status == JobState::TimedOut => FailureCause::TimedOut {
-            resumable: rec.resume_session.is_some(),
-        },
-        _ => FailureCause::AgentExit {
+    let resumable = rec.resume_session.is_some();
+    match FailureCause::of_record(rec) {
+        Some(FailureCause::TimedOut { .. }) => FailureCause::TimedOut { resumable },
+        Some(c) => c,
+        None if rec.status == JobState::TimedOut => FailureCause::TimedOut { resumable },
+        None => FailureCause::AgentExit {
             code: rec.exit_code,
             signal: rec.signal,
         },
     }
 }
 
-/// Decides what one DLQ message leads to. `rng` supplies the backoff jitter.
+/// Decides what one DLQ message (or a sweep finding) leads to. `rng` supplies the
+/// backoff jitter.
 pub fn decide(
     input: &Input<'_>,
     rec: Option<&JobRecord>,
@@ -222,7 +238,7 @@ pub fn decide(
 ) -> Step {
     let Some(rec) = rec else {
         return match input {
-            Input::Failure(_) => Step::Drop {
+            Input::Failure(_) | Input::Sweep { .. } => Step::Drop {
                 why: "no job record: nothing to re-plan".into(),
             },
             Input::Redriven { .. } => Step::CreateRecord,
@@ -234,6 +250,11 @@ pub fn decide(
         let age_ms = now - d.at;
         if age_ms < policy.resend_after.as_millis() as i64 {
             return Step::InFlight { age_ms };
+        }
+        if rec.cancel_requested {
+            return Step::Drop {
+                why: "a plan was never sent, but the job was cancelled since: not sent".into(),
+            };
         }
         let due = d.at + d.delay_seconds.unwrap_or(0) as i64 * 1000;
         return Step::Resend(Enqueue {
@@ -348,6 +369,68 @@ pub fn decide(
                 },
             }
         }
+        Input::Sweep { queue_idle } => match rec.status {
+            JobState::Running => {
+                let hb = rec.heartbeat_at.unwrap_or(rec.updated_at);
+                let age = now - hb;
+                let limit = policy.sweep.strand_after(policy.stale_after);
+                if age < limit.as_millis() as i64 {
+                    return Step::Drop {
+                        why: format!(
+                            "attempt {} heartbeat {} s ago: not stranded (limit {} s)",
+                            rec.attempt,
+                            age / 1000,
+                            limit.as_secs()
+                        ),
+                    };
+                }
+                plan_failure(
+                    rec,
+                    Cause::Failure(FailureCause::Crashed),
+                    &format!(
+                        "attempt {} stopped heartbeating {} s ago and its message did not come back within the agents' visibility horizon: stranded, found by the sweep",
+                        rec.attempt,
+                        age / 1000
+                    ),
+                    rec.resume_session.clone(),
+                    policy,
+                    now,
+                    rng,
+                )
+            }
+            JobState::Queued => {
+                if !queue_idle {
+                    return Step::Drop {
+                        why: "its queue holds messages: a QUEUED job may still be waiting its turn"
+                            .into(),
+                    };
+                }
+                let since = last_plan_due(rec)
+                    .unwrap_or(rec.updated_at)
+                    .max(rec.updated_at);
+                let age = now - since;
+                if age < policy.sweep.queued_after.as_millis() as i64 {
+                    return Step::Drop {
+                        why: format!("queued {} s ago: not stranded", age / 1000),
+                    };
+                }
+                plan_failure(
+                    rec,
+                    Cause::NeverRan,
+                    &format!(
+                        "QUEUED for {} s and its message never reached an agent (the send after the record was written was lost): re-enqueued by the sweep",
+                        age / 1000
+                    ),
+                    None,
+                    policy,
+                    now,
+                    rng,
+                )
+            }
+            s => Step::Drop {
+                why: format!("the job is {s}: nothing stranded"),
+            },
+        },
     }
 }
 
@@ -368,6 +451,15 @@ fn tier_queue(policy: &Policy, rec: &JobRecord) -> String {
         .unwrap_or_default()
 }
 
+/// The queue a job's next run goes to (its tier's).
+pub fn queue_for(policy: &Policy, rec: &JobRecord) -> String {
+    tier_queue(policy, rec)
+}
+
+fn secs_ceil(d: Duration) -> Duration {
+    Duration::from_secs(d.as_millis().div_ceil(1000) as u64)
+}
+
 fn plan_failure(
     rec: &JobRecord,
     cause: Cause,
@@ -384,9 +476,9 @@ fn plan_failure(
         Cause::Failure(c) => c.to_string(),
         Cause::NeverRan => "never ran".to_owned(),
     };
-    let decision = |action: &str, why: String| Decision {
+    let decision = |action: Action, why: String| Decision {
         at: now,
-        action: action.to_owned(),
+        action,
         by: BY.to_owned(),
         attempt: rec.attempt.get(),
         cause: Some(cause.label().to_owned()),
@@ -394,7 +486,11 @@ fn plan_failure(
         delay_seconds: None,
         queue: None,
     };
-    let plan = |to: JobState, d: Decision, changes: Replan, enqueue: Option<Enqueue>| {
+    let plan = |to: JobState, d: Decision, mut changes: Replan, enqueue: Option<Enqueue>| {
+        if rec.status == JobState::Running {
+            // A crash: fenced on the heartbeat seen too, not only state + attempt.
+            changes.expected_heartbeat = rec.heartbeat_at;
+        }
         Step::Plan(Box::new(Plan {
             expected_state: rec.status,
             expected_attempt: rec.attempt,
@@ -404,7 +500,7 @@ fn plan_failure(
             enqueue,
         }))
     };
-    let dead = |action: &str, why: String| {
+    let dead = |action: Action, why: String| {
         plan(
             JobState::Dead,
             decision(action, why),
@@ -412,25 +508,45 @@ fn plan_failure(
             None,
         )
     };
+    let cancelled_or_dead = || {
+        if rec.status == JobState::Cancelled
+            || JobState::Cancelled.allowed_from().contains(&rec.status)
+        {
+            JobState::Cancelled
+        } else {
+            JobState::Dead
+        }
+    };
 
     // Not retryable: terminal with the reason.
     if let Cause::Failure(
         c @ (FailureCause::InvalidSpec
         | FailureCause::SecretDenied
         | FailureCause::AgentExit { .. }
+        | FailureCause::BudgetExceeded
         | FailureCause::Cancelled),
     ) = &cause
     {
         let why = format!("{c} is not retryable: {reason}");
-        let to = if matches!(c, FailureCause::Cancelled)
-            && (rec.status == JobState::Cancelled
-                || JobState::Cancelled.allowed_from().contains(&rec.status))
-        {
-            JobState::Cancelled
+        let to = if matches!(c, FailureCause::Cancelled) {
+            cancelled_or_dead()
         } else {
             JobState::Dead
         };
-        return plan(to, decision(action::FAIL, why), Replan::default(), None);
+        return plan(to, decision(Action::Fail, why), Replan::default(), None);
+    }
+
+    // Cancelled while it waited for this plan: nothing runs again.
+    if rec.cancel_requested || rec.status == JobState::Cancelled {
+        return plan(
+            cancelled_or_dead(),
+            decision(
+                Action::Fail,
+                format!("{cause_text}: not re-planned, the job was cancelled ({reason})"),
+            ),
+            Replan::default(),
+            None,
+        );
     }
 
     // Budgets that bind every retryable cause.
@@ -438,7 +554,7 @@ fn plan_failure(
         && rec.cost_usd >= b
     {
         return dead(
-            action::DEAD,
+            Action::Dead,
             format!(
                 "{cause_text}: cost budget spent (${:.4} of max_budget_usd ${b:.4})",
                 rec.cost_usd
@@ -447,7 +563,7 @@ fn plan_failure(
     }
     if rec.runtime_ms >= limits.timeout_ms {
         return dead(
-            action::DEAD,
+            Action::Dead,
             format!(
                 "{cause_text}: total runtime {} s reached the job's timeout_seconds {}",
                 rec.runtime_ms / 1000,
@@ -457,7 +573,7 @@ fn plan_failure(
     }
     if rec.spec.as_ref().is_none_or(|s| s.is_empty()) {
         return dead(
-            action::FAIL,
+            Action::Fail,
             format!("{cause_text}: the record holds no spec to enqueue again"),
         );
     }
@@ -465,11 +581,11 @@ fn plan_failure(
         .max_attempts
         .map_or(limits.max_attempts, |c| c.min(limits.max_attempts));
     let failures = 1
-        + by_dispatcher(rec, &[action::RETRY, action::ESCALATE]).count() as u32
+        + count(rec, &[Action::Retry, Action::Escalate])
         + rec
             .history
             .iter()
-            .filter(|d| d.action == action::TAKEOVER)
+            .filter(|d| d.action == Action::Takeover)
             .count() as u32;
     let tier = current_tier(rec, &limits);
     let next_seq = plan_seq(rec) + 1;
@@ -480,14 +596,14 @@ fn plan_failure(
         .unwrap_or_default();
     let over_attempts = || {
         dead(
-            action::DEAD,
+            Action::Dead,
             format!(
                 "{cause_text}: {failures} of max_attempts {max_attempts} attempts failed; last: {reason}"
             ),
         )
     };
     let escalate = |to_tier: &crate::policy::Tier, why: String| {
-        let mut d = decision(action::ESCALATE, why);
+        let mut d = decision(Action::Escalate, why);
         d.delay_seconds = Some(0);
         d.queue = Some(to_tier.queue_url.clone());
         plan(
@@ -515,19 +631,33 @@ fn plan_failure(
                 && limits.resume != ResumePolicy::Never
                 && JobState::Resuming.allowed_from().contains(&rec.status)
             {
-                if rec.segment >= policy.max_segments {
+                let used = segments_used(rec);
+                if used >= policy.max_segments {
                     return dead(
-                        action::DEAD,
+                        Action::Dead,
                         format!(
-                            "{cause_text}: {} of max_segments {} segments used",
-                            rec.segment, policy.max_segments
+                            "{cause_text}: {used} of max_segments {} segments used",
+                            policy.max_segments
                         ),
                     );
                 }
+                // `escalate_resumable`: the next segment runs on the escalation tier
+                // (longer invocations) instead of this one.
+                let moved = cp
+                    .escalate_resumable
+                    .then(|| policy.escalation(&tier, kind))
+                    .flatten();
+                let (queue, on) = match moved {
+                    Some(t) => (
+                        t.queue_url.clone(),
+                        format!(" on tier {} (escalated from tier {tier})", t.name),
+                    ),
+                    None => (here, String::new()),
+                };
                 let mut d = decision(
-                    action::RESUME,
+                    Action::Resume,
                     format!(
-                        "segment {} timed out after {} s of {} s in total; resuming session {session} as segment {}",
+                        "segment {} timed out after {} s of {} s in total; resuming session {session} as segment {}{on}",
                         rec.segment,
                         rec.runtime_ms / 1000,
                         limits.timeout_ms / 1000,
@@ -535,17 +665,18 @@ fn plan_failure(
                     ),
                 );
                 d.delay_seconds = Some(0);
-                d.queue = Some(here.clone());
+                d.queue = Some(queue.clone());
                 return plan(
                     JobState::Resuming,
                     d,
                     Replan {
                         resume_session: Some(session),
                         next_segment: true,
-                        tier: None,
+                        tier: moved.map(|t| t.name.clone()),
+                        ..Default::default()
                     },
                     Some(Enqueue {
-                        queue_url: here,
+                        queue_url: queue,
                         delay: Duration::ZERO,
                         plan_seq: next_seq,
                     }),
@@ -565,12 +696,90 @@ fn plan_failure(
                     )
                 }
                 _ => dead(
-                    action::FAIL,
+                    Action::Fail,
                     format!(
                         "{cause_text} on tier {tier} without a checkpoint to resume, and no bigger tier is configured: {reason}"
                     ),
                 ),
             }
+        }
+        Cause::Failure(FailureCause::RateLimited { reset_at }) => {
+            // Not the job's fault: not an attempt. Bounded by its own budget.
+            let pauses = count(rec, &[Action::Pause]);
+            if pauses >= policy.max_rate_limit_pauses {
+                return dead(
+                    Action::Dead,
+                    format!(
+                        "{cause_text}: {pauses} of max_rate_limit_pauses {} pauses used; last: {reason}",
+                        policy.max_rate_limit_pauses
+                    ),
+                );
+            }
+            let (delay, when) = match reset_at {
+                Some(at) => {
+                    // Just after the reset; a little jitter so paused jobs do not all
+                    // start in the same second.
+                    let wait = Duration::from_millis((at - now).max(0) as u64)
+                        + Duration::from_secs(rng.u64(1..=5));
+                    (secs_ceil(wait), "after the limit resets")
+                }
+                None => (
+                    secs_ceil(backoff(cp.base_delay, cp.max_delay, pauses + 1, rng)),
+                    "(the API gave no reset time)",
+                ),
+            };
+            if delay > cp.max_delay + Duration::from_secs(5) {
+                return dead(
+                    Action::Dead,
+                    format!(
+                        "{cause_text}: the limit resets in {}, later than causes.rate_limited.max_delay {}: {reason}",
+                        humantime::format_duration(delay),
+                        humantime::format_duration(cp.max_delay)
+                    ),
+                );
+            }
+            let resume = session.filter(|_| {
+                limits.resume != ResumePolicy::Never
+                    && JobState::Resuming.allowed_from().contains(&rec.status)
+            });
+            let (to, changes, what) = match resume {
+                Some(s) => (
+                    JobState::Resuming,
+                    Replan {
+                        resume_session: Some(s.clone()),
+                        next_segment: true,
+                        ..Default::default()
+                    },
+                    format!("resuming session {s} as segment {}", rec.segment + 1),
+                ),
+                None if can_schedule => (
+                    JobState::RetryScheduled,
+                    Replan::default(),
+                    "running it again".to_owned(),
+                ),
+                None => (rec.status, Replan::default(), "running it again".to_owned()),
+            };
+            let mut d = decision(
+                Action::Pause,
+                format!(
+                    "{cause_text}: pause {} of {}; {what} in {} {when} (not counted as a failed attempt): {reason}",
+                    pauses + 1,
+                    policy.max_rate_limit_pauses,
+                    humantime::format_duration(delay)
+                ),
+            );
+            d.delay_seconds = Some(delay.as_secs());
+            d.queue = Some(here.clone());
+            plan(
+                to,
+                d,
+                changes,
+                Some(Enqueue {
+                    queue_url: here,
+                    delay,
+                    plan_seq: next_seq,
+                }),
+            )
         }
         _ => {
             if failures >= max_attempts {
@@ -590,13 +799,21 @@ fn plan_failure(
                     );
                 }
             }
-            let n = by_dispatcher(rec, &[action::RETRY]).count() as u32 + 1;
-            let delay = backoff(cp.base_delay, cp.max_delay, n, rng);
-            let delay = Duration::from_secs(delay.as_millis().div_ceil(1000) as u64);
-            let mut d = decision(
-                action::RETRY,
+            let n = count(rec, &[Action::Retry]) + 1;
+            let delay = secs_ceil(backoff(cp.base_delay, cp.max_delay, n, rng));
+            let fresh = cause == Cause::Failure(FailureCause::ResumeFailed);
+            let what = if fresh {
                 format!(
-                    "{cause_text}: retry {n} (attempt {failures} of {max_attempts} failed) in {}: {reason}",
+                    "the session could not be resumed; starting afresh as segment {} ",
+                    rec.segment + 1
+                )
+            } else {
+                String::new()
+            };
+            let mut d = decision(
+                Action::Retry,
+                format!(
+                    "{cause_text}: {what}retry {n} (attempt {failures} of {max_attempts} failed) in {}: {reason}",
                     humantime::format_duration(delay)
                 ),
             );
@@ -609,10 +826,19 @@ fn plan_failure(
             } else {
                 rec.status
             };
+            let changes = if fresh {
+                Replan {
+                    drop_session: true,
+                    next_segment: true,
+                    ..Default::default()
+                }
+            } else {
+                Replan::default()
+            };
             plan(
                 to,
                 d,
-                Replan::default(),
+                changes,
                 Some(Enqueue {
                     queue_url: here,
                     delay,
@@ -628,14 +854,14 @@ fn crashes_on_tier(rec: &JobRecord) -> u32 {
     let since = rec
         .history
         .iter()
-        .rposition(|d| d.by == BY && d.action == action::ESCALATE)
+        .rposition(|d| d.by == BY && d.action == Action::Escalate)
         .map_or(0, |i| i + 1);
     rec.history[since..]
         .iter()
         .filter(|d| {
-            d.action == action::TAKEOVER
+            d.action == Action::Takeover
                 || (d.by == BY
-                    && d.action == action::RETRY
+                    && d.action == Action::Retry
                     && d.cause.as_deref() == Some(FailureCause::Crashed.kind()))
         })
         .count() as u32
@@ -697,7 +923,7 @@ mod tests {
         let mut r = rec(JobState::RetryScheduled, 1, SPEC);
         r.history.push(Decision {
             at: 10_000_000 - 1_000,
-            action: action::RETRY.into(),
+            action: Action::Retry,
             by: BY.into(),
             attempt: 1,
             delay_seconds: Some(30),
@@ -718,7 +944,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         r.history.push(Decision {
-            action: action::ENQUEUED.into(),
+            action: Action::Enqueued,
             by: BY.into(),
             attempt: 1,
             ..Default::default()
@@ -730,29 +956,270 @@ mod tests {
     }
 
     #[test]
+    fn a_resumable_timeout_resumes_on_the_next_tier_only_when_configured() {
+        let mut r = rec(JobState::TimedOut, 1, SPEC);
+        r.segment = 1;
+        r.runtime_ms = 60_000;
+        let mut f = failure(FailureCause::TimedOut { resumable: true }, 1);
+        f.session_id = Some("s-1".into());
+        let tiers = [("large".to_owned(), "https://q/large".to_owned())];
+        let resume = |p: &Policy, r: &JobRecord| match step(&Input::Failure(&f), r, p) {
+            Step::Plan(pl) => {
+                assert_eq!(pl.decision.action, agentq_core::Action::Resume);
+                assert_eq!(pl.to, JobState::Resuming);
+                assert_eq!(pl.changes.resume_session.as_deref(), Some("s-1"));
+                assert!(pl.changes.next_segment);
+                (pl.changes.tier.clone(), pl.enqueue.unwrap().queue_url)
+            }
+            other => panic!("{other:?}"),
+        };
+        // Default: resume on the same tier, even with a bigger one configured.
+        let same = Policy::build(&Default::default(), &tiers, "https://q/jobs").unwrap();
+        assert_eq!(resume(&same, &r), (None, "https://q/jobs".to_owned()));
+        // escalate_resumable: the next segment goes to the large tier's queue.
+        let raw: crate::policy::RawPolicy =
+            toml::from_str("[causes.timed_out]\nescalate_resumable = true").unwrap();
+        let moved = Policy::build(&raw, &tiers, "https://q/jobs").unwrap();
+        assert_eq!(
+            resume(&moved, &r),
+            (Some("large".to_owned()), "https://q/large".to_owned())
+        );
+        // Already on the largest tier: resumes where it is.
+        r.tier = Some("large".into());
+        assert_eq!(resume(&moved, &r), (None, "https://q/large".to_owned()));
+        // No bigger tier configured at all: resumes in place.
+        r.tier = None;
+        let alone = Policy::build(&raw, &[], "https://q/jobs").unwrap();
+        assert_eq!(resume(&alone, &r), (None, "https://q/jobs".to_owned()));
+    }
+
+    #[test]
     fn crashes_escalate_after_the_threshold() {
         let p = policy(&[("large", "https://q/large")]);
         let mut r = rec(JobState::Failed, 2, SPEC);
         let f = failure(FailureCause::Crashed, 2);
         // First crash: plain retry.
         match step(&Input::Failure(&f), &r, &p) {
-            Step::Plan(pl) => assert_eq!(pl.decision.action, action::RETRY),
+            Step::Plan(pl) => assert_eq!(pl.decision.action, Action::Retry),
             other => panic!("{other:?}"),
         }
         // Second crash on the same tier (one takeover before): escalate.
         r.history.push(Decision {
-            action: action::TAKEOVER.into(),
+            action: Action::Takeover,
             by: "agent".into(),
             attempt: 2,
             ..Default::default()
         });
         match step(&Input::Failure(&f), &r, &p) {
             Step::Plan(pl) => {
-                assert_eq!(pl.decision.action, action::ESCALATE);
+                assert_eq!(pl.decision.action, Action::Escalate);
                 assert_eq!(pl.changes.tier.as_deref(), Some("large"));
                 assert_eq!(pl.enqueue.unwrap().queue_url, "https://q/large");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    const NOW: EpochMillis = 10_000_000;
+
+    fn the_plan(step: Step) -> Plan {
+        match step {
+            Step::Plan(p) => *p,
+            other => panic!("expected a plan, got {other:?}"),
+        }
+    }
+
+    fn with_retries(mut r: JobRecord, n: u32) -> JobRecord {
+        for _ in 0..n {
+            r.history.push(Decision {
+                action: Action::Retry,
+                by: BY.into(),
+                attempt: r.attempt.get(),
+                ..Default::default()
+            });
+            r.history.push(Decision {
+                action: Action::Enqueued,
+                by: BY.into(),
+                attempt: r.attempt.get(),
+                ..Default::default()
+            });
+        }
+        r
+    }
+
+    #[test]
+    fn a_rate_limit_pauses_until_the_reset_and_is_not_an_attempt() {
+        let p = policy(&[]);
+        // Two failed attempts already: a third failure would be the last of 3.
+        let mut r = with_retries(rec(JobState::Failed, 3, SPEC), 2);
+        r.progress.session_id = Some("sess".into());
+        let reset = NOW + 2 * 3600 * 1000;
+        let f = failure(
+            FailureCause::RateLimited {
+                reset_at: Some(reset),
+            },
+            3,
+        );
+        let pl = the_plan(step(&Input::Failure(&f), &r, &p));
+        assert_eq!(pl.decision.action, Action::Pause);
+        assert_eq!(pl.to, JobState::Resuming);
+        assert_eq!(pl.changes.resume_session.as_deref(), Some("sess"));
+        assert!(pl.changes.next_segment);
+        let delay = pl.enqueue.unwrap().delay;
+        assert!(
+            (7201..=7205).contains(&delay.as_secs()),
+            "just after the reset: {delay:?}"
+        );
+        assert!(
+            pl.decision.reason.contains("not counted"),
+            "{}",
+            pl.decision.reason
+        );
+
+        // Without a session (or with resume: never) it runs again afresh.
+        let r2 = with_retries(rec(JobState::Failed, 1, SPEC), 0);
+        let f = failure(FailureCause::RateLimited { reset_at: None }, 1);
+        let pl = the_plan(step(&Input::Failure(&f), &r2, &p));
+        assert_eq!(
+            (pl.to, pl.decision.action),
+            (JobState::RetryScheduled, Action::Pause)
+        );
+        let d = pl.enqueue.unwrap().delay;
+        assert!((30..=60).contains(&d.as_secs()), "backoff from 1m: {d:?}");
+
+        // Pauses have their own budget ...
+        let mut many = rec(JobState::Failed, 1, SPEC);
+        for _ in 0..p.max_rate_limit_pauses {
+            many.history.push(Decision {
+                action: Action::Pause,
+                by: BY.into(),
+                attempt: 1,
+                ..Default::default()
+            });
+        }
+        let pl = the_plan(step(&Input::Failure(&f), &many, &p));
+        assert_eq!((pl.to, pl.decision.action), (JobState::Dead, Action::Dead));
+        assert!(pl.decision.reason.contains("max_rate_limit_pauses"));
+        // ... and a limit that resets too far away ends the job.
+        let f = failure(
+            FailureCause::RateLimited {
+                reset_at: Some(NOW + 3 * 86_400_000),
+            },
+            1,
+        );
+        let pl = the_plan(step(&Input::Failure(&f), &r2, &p));
+        assert_eq!(pl.to, JobState::Dead);
+        assert!(
+            pl.decision.reason.contains("max_delay"),
+            "{}",
+            pl.decision.reason
+        );
+    }
+
+    #[test]
+    fn a_failed_resume_starts_afresh_within_the_attempt_budget() {
+        let p = policy(&[]);
+        let mut r = rec(JobState::Failed, 2, SPEC);
+        r.segment = 2;
+        r.resume_session = Some("gone".into());
+        let f = failure(FailureCause::ResumeFailed, 2);
+        let pl = the_plan(step(&Input::Failure(&f), &r, &p));
+        assert_eq!(
+            (pl.to, pl.decision.action),
+            (JobState::RetryScheduled, Action::Retry)
+        );
+        assert!(pl.changes.drop_session && pl.changes.next_segment);
+        assert_eq!(pl.changes.resume_session, None);
+        assert_eq!(pl.enqueue.unwrap().delay, Duration::ZERO);
+        assert!(
+            pl.decision.reason.contains("afresh as segment 3"),
+            "{}",
+            pl.decision.reason
+        );
+        // Only spent attempts end it.
+        let r = with_retries(r, 2);
+        let pl = the_plan(step(&Input::Failure(&f), &r, &p));
+        assert_eq!((pl.to, pl.decision.action), (JobState::Dead, Action::Dead));
+    }
+
+    #[test]
+    fn a_spent_budget_and_a_cancel_end_the_job() {
+        let p = policy(&[]);
+        let r = rec(JobState::Failed, 1, SPEC);
+        let f = failure(FailureCause::BudgetExceeded, 1);
+        let pl = the_plan(step(&Input::Failure(&f), &r, &p));
+        assert_eq!((pl.to, pl.decision.action), (JobState::Dead, Action::Fail));
+        assert_eq!(pl.enqueue, None);
+
+        let mut r = rec(JobState::Failed, 1, SPEC);
+        r.cancel_requested = true;
+        let f = failure(FailureCause::InfraTransient, 1);
+        let pl = the_plan(step(&Input::Failure(&f), &r, &p));
+        assert_eq!(
+            (pl.to, pl.decision.action),
+            (JobState::Cancelled, Action::Fail)
+        );
+        assert_eq!(pl.enqueue, None);
+    }
+
+    #[test]
+    fn the_sweep_replans_stranded_jobs_only() {
+        let p = policy(&[]);
+        let strand = p.sweep.strand_after(p.stale_after).as_millis() as i64;
+        let mut r = rec(JobState::Running, 1, SPEC);
+        r.heartbeat_at = Some(NOW - strand + 1_000);
+        let sweep = Input::Sweep { queue_idle: true };
+        assert!(matches!(step(&sweep, &r, &p), Step::Drop { .. }));
+        r.heartbeat_at = Some(NOW - strand - 1_000);
+        let pl = the_plan(step(&sweep, &r, &p));
+        assert_eq!(
+            (pl.expected_state, pl.to),
+            (JobState::Running, JobState::RetryScheduled)
+        );
+        assert_eq!(pl.decision.cause.as_deref(), Some("crashed"));
+        assert!(
+            pl.decision.reason.contains("stranded"),
+            "{}",
+            pl.decision.reason
+        );
+        // Fenced on the heartbeat it saw.
+        assert_eq!(pl.changes.expected_heartbeat, r.heartbeat_at);
+
+        let mut q = rec(JobState::Queued, 0, SPEC);
+        q.updated_at = NOW - p.sweep.queued_after.as_millis() as i64 - 1_000;
+        // A busy queue: it may be waiting its turn.
+        assert!(matches!(
+            step(&Input::Sweep { queue_idle: false }, &q, &p),
+            Step::Drop { .. }
+        ));
+        let pl = the_plan(step(&sweep, &q, &p));
+        assert_eq!(
+            (pl.to, pl.decision.action),
+            (JobState::Queued, Action::Retry)
+        );
+        assert_eq!(pl.decision.cause.as_deref(), Some(NEVER_RAN));
+        assert!(pl.enqueue.is_some());
+        // A planned delay that has not run out yet counts as waiting.
+        q.history.push(Decision {
+            at: q.updated_at,
+            action: Action::Retry,
+            by: BY.into(),
+            delay_seconds: Some(3600),
+            ..Default::default()
+        });
+        q.history.push(Decision {
+            at: q.updated_at,
+            action: Action::Enqueued,
+            by: BY.into(),
+            ..Default::default()
+        });
+        assert!(matches!(step(&sweep, &q, &p), Step::Drop { .. }));
+        // Nothing else is the sweep's business.
+        for s in [JobState::Failed, JobState::Succeeded, JobState::Dead] {
+            assert!(matches!(
+                step(&sweep, &rec(s, 1, SPEC), &p),
+                Step::Drop { .. }
+            ));
         }
     }
 }

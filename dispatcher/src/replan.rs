@@ -39,15 +39,17 @@ use agentq_core::record::{Decision, EpochMillis, now_ms};
 use agentq_core::spec::{JobSpec, ValidationContext};
 use agentq_core::store::Replan;
 use agentq_core::telemetry::{SpanKind, TraceContext};
-use agentq_core::{JobId, JobState, JobStore, Observability, Service, StoreError};
+use agentq_core::{
+    Action, JobId, JobRecord, JobState, JobStore, Observability, Service, StoreError,
+};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sqs::types::MessageAttributeValue;
 use serde::Serialize;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::ReplanError;
-use crate::plan::{self, BY, Enqueue, Input, Step, action};
-use crate::policy::{Policy, SQS_MAX_DELAY_SECONDS};
+use crate::plan::{self, BY, Enqueue, Input, Step};
+use crate::policy::Policy;
 
 /// Message attribute (Number) on every message the dispatcher enqueues: the plan number
 /// it was sent under (how many re-enqueue plans the job had by then). Agents that send a
@@ -61,7 +63,7 @@ pub enum Outcome {
     /// A plan was written (and enqueued when it re-runs the job).
     Planned {
         job_id: String,
-        action: String,
+        action: Action,
         state: JobState,
         #[serde(skip_serializing_if = "Option::is_none")]
         queue: Option<String>,
@@ -130,7 +132,7 @@ tokio::task_local! {
 const FLUSH_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the body of a redriven message names.
-struct Redriven {
+pub(crate) struct Redriven {
     job_id: JobId,
     spec_json: String,
 }
@@ -186,7 +188,7 @@ impl Replanner {
                     Ok(_) => {}
                     Err(e) => {
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                        warn!(message_id = %id, error = %e, "left on the DLQ for later");
+                        warn!(message_id = %id, error = %e, retryable = e.is_retryable(), "left on the DLQ for later");
                         failed.push(id);
                     }
                 }
@@ -254,7 +256,8 @@ impl Replanner {
                 },
                 Some(job_id) => {
                     tracing::Span::current().record("job_id", job_id.as_str());
-                    self.replan(&job_id, &Input::Failure(&fr), None).await?
+                    self.replan(&job_id, &Input::Failure(&fr), None, None)
+                        .await?
                 }
             },
             DlqMessage::Redriven(raw) => match self.redriven(&raw).await? {
@@ -267,17 +270,12 @@ impl Replanner {
                         .and_then(|a| a.string_value.as_deref())
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0);
-                    self.replan(&r.job_id, &Input::Redriven { plan_seq }, Some(&r))
+                    self.replan(&r.job_id, &Input::Redriven { plan_seq }, Some(&r), None)
                         .await?
                 }
             },
         };
-        match &outcome {
-            Outcome::Planned { .. } => self.stats.planned.fetch_add(1, Ordering::Relaxed),
-            Outcome::Resent { .. } => self.stats.resent.fetch_add(1, Ordering::Relaxed),
-            Outcome::Dropped { .. } => self.stats.dropped.fetch_add(1, Ordering::Relaxed),
-            Outcome::Unparseable { .. } => self.stats.unparseable.fetch_add(1, Ordering::Relaxed),
-        };
+        self.count(&outcome);
         match &outcome {
             Outcome::Unparseable { why } => {
                 warn!(body = %truncate(body, 512), why = %why, "unparseable DLQ message acknowledged")
@@ -287,6 +285,23 @@ impl Replanner {
             }
         }
         Ok(outcome)
+    }
+
+    pub(crate) fn count(&self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Planned { .. } => self.stats.planned.fetch_add(1, Ordering::Relaxed),
+            Outcome::Resent { .. } => self.stats.resent.fetch_add(1, Ordering::Relaxed),
+            Outcome::Dropped { .. } => self.stats.dropped.fetch_add(1, Ordering::Relaxed),
+            Outcome::Unparseable { .. } => self.stats.unparseable.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    pub(crate) fn store(&self) -> &JobStore {
+        &self.store
+    }
+
+    pub(crate) fn sqs(&self) -> &aws_sdk_sqs::Client {
+        &self.sqs
     }
 
     /// The job a redriven body names (resolving an Extended Client pointer), or why not.
@@ -308,17 +323,31 @@ impl Replanner {
         }
     }
 
-    async fn replan(
+    /// Decides and applies the plan for one job. `known` is a record the caller already
+    /// holds (the sweep's query): it saves the first read; a stale one only costs a
+    /// refused write, whose answer carries the current record.
+    pub(crate) async fn replan(
         &self,
         job: &JobId,
         input: &Input<'_>,
         redriven: Option<&Redriven>,
+        known: Option<JobRecord>,
     ) -> Result<Outcome, ReplanError> {
         let mut rng = fastrand::Rng::new();
+        let mut rec = match known {
+            Some(r) => Some(r),
+            None => self.store.get(job).await?,
+        };
+        let mut resolved = None;
         for _ in 0..4 {
-            let rec = self.store.get(job).await?;
+            // Decide on the spec itself (its max_attempts, timeout, budget, resume, tier),
+            // also when the record keeps only its pointer; re-send what the record keeps.
+            let readable = match &rec {
+                Some(r) => Some(self.readable(r, &mut resolved).await?),
+                None => None,
+            };
             let now = now_ms();
-            match plan::decide(input, rec.as_ref(), &self.policy, now, &mut rng) {
+            match plan::decide(input, readable.as_ref(), &self.policy, now, &mut rng) {
                 Step::Drop { why } => {
                     return Ok(Outcome::Dropped {
                         job_id: job.to_string(),
@@ -333,11 +362,15 @@ impl Replanner {
                 }
                 Step::CreateRecord => {
                     let Some(r) = redriven else {
+                        rec = self.store.get(job).await?;
                         continue;
                     };
                     match JobSpec::parse_valid(r.spec_json.as_bytes(), &self.validation) {
                         Ok(spec) => match self.store.create_queued(&spec, now).await {
-                            Ok(_) | Err(StoreError::AlreadyExists { .. }) => continue,
+                            Ok(created) => rec = Some(created),
+                            Err(StoreError::AlreadyExists { .. }) => {
+                                rec = self.store.get(job).await?;
+                            }
                             Err(e) => return Err(e.into()),
                         },
                         Err(e) => {
@@ -348,13 +381,13 @@ impl Replanner {
                                 .await?;
                             let mut ev =
                                 JobEvent::new(job.as_str(), JobState::Dead, Actor::Dispatcher);
-                            ev.action = Some(action::FAIL.to_string());
+                            ev.action = Some(Action::Fail.to_string());
                             ev.cause = Some("invalid_spec".into());
                             ev.reason = Some(why);
                             self.observe_plan(ev, rec.as_ref());
                             return Ok(Outcome::Planned {
                                 job_id: job.to_string(),
-                                action: action::FAIL.into(),
+                                action: Action::Fail,
                                 state: JobState::Dead,
                                 queue: None,
                                 delay_seconds: None,
@@ -363,10 +396,10 @@ impl Replanner {
                     }
                 }
                 Step::Resend(enq) => {
-                    let Some(rec) = rec else { continue };
-                    let spec = rec.spec.clone().unwrap_or_default();
+                    let Some(r) = rec else { continue };
+                    let spec = r.spec.clone().unwrap_or_default();
                     self.enqueue(job, &spec, &enq, now).await?;
-                    self.mark_enqueued(job, rec.status, rec.attempt, &enq, "re-sent", now)
+                    self.mark_enqueued(job, r.status, r.attempt, &enq, "re-sent", now)
                         .await?;
                     return Ok(Outcome::Resent {
                         job_id: job.to_string(),
@@ -388,8 +421,18 @@ impl Replanner {
                         .await
                     {
                         Ok(r) => r,
-                        // Lost to a concurrent delivery or a claim: read it back, decide again.
-                        Err(StoreError::Conflict { .. }) => continue,
+                        // Lost to a concurrent delivery or a claim: decide again from the
+                        // record the refusal returned.
+                        Err(StoreError::Conflict { current, .. }) => {
+                            rec = match current {
+                                Some(c) => Some(*c),
+                                None => self.store.get(job).await?,
+                            };
+                            continue;
+                        }
+                        Err(e @ StoreError::Rejected { .. }) => {
+                            return self.give_up(job, &p, e, now).await;
+                        }
                         Err(e) => return Err(e.into()),
                     };
                     if let Some(enq) = &p.enqueue {
@@ -409,7 +452,7 @@ impl Replanner {
                     self.observe_plan(ev, Some(&written));
                     return Ok(Outcome::Planned {
                         job_id: job.to_string(),
-                        action: p.decision.action.clone(),
+                        action: p.decision.action,
                         state: p.to,
                         queue: p.enqueue.as_ref().map(|e| e.queue_url.clone()),
                         delay_seconds: p.decision.delay_seconds,
@@ -422,6 +465,69 @@ impl Replanner {
         })
     }
 
+    /// DynamoDB refused the plan's write as invalid (e.g. the record would pass 400 KB):
+    /// the same write can never succeed, so the job ends `DEAD` with a write that adds
+    /// nothing to its history. When even that is refused the error stands (the message
+    /// stays on the DLQ, and is parked after `DlqMaxReceiveCount` receives).
+    async fn give_up(
+        &self,
+        job: &JobId,
+        p: &plan::Plan,
+        e: StoreError,
+        now: EpochMillis,
+    ) -> Result<Outcome, ReplanError> {
+        tracing::error!(error = %e, "the plan's write was refused as invalid; ending the job");
+        let reason = format!(
+            "the job record cannot take the re-plan ({}): {e}",
+            p.decision.action
+        );
+        self.store
+            .give_up(job, p.expected_state, p.expected_attempt, &reason, now)
+            .await?;
+        Ok(Outcome::Planned {
+            job_id: job.to_string(),
+            action: Action::Dead,
+            state: JobState::Dead,
+            queue: None,
+            delay_seconds: None,
+        })
+    }
+
+    /// The record with its spec readable: a record that keeps a pointer (a spec too large
+    /// for a DynamoDB item, see [`agentq_core::payload::record_spec`]) gets the spec from
+    /// S3, once per re-plan (`cache`). A payload that cannot be read for good (expired,
+    /// deleted) leaves the record as it is: the plan then uses the default limits.
+    async fn readable(
+        &self,
+        rec: &agentq_core::JobRecord,
+        cache: &mut Option<(String, String)>,
+    ) -> Result<agentq_core::JobRecord, ReplanError> {
+        let Some(body) = rec
+            .spec
+            .as_deref()
+            .filter(|s| PayloadPointer::parse(s).is_some())
+        else {
+            return Ok(rec.clone());
+        };
+        let spec = match cache {
+            Some((ptr, spec)) if ptr == body => spec.clone(),
+            _ => match agentq_core::payload::resolve_body(&self.s3, body).await {
+                Ok(spec) => {
+                    *cache = Some((body.to_owned(), spec.clone()));
+                    spec
+                }
+                Err(e) if e.is_retryable() => return Err(e.into()),
+                Err(e) => {
+                    warn!(error = %e, "the record's spec is a pointer that cannot be read; planning with default limits");
+                    return Ok(rec.clone());
+                }
+            },
+        };
+        let mut readable = rec.clone();
+        readable.spec = Some(spec);
+        Ok(readable)
+    }
+
     /// Sends the spec to `enq.queue_url`, delayed; above SQS' 900 s the rest of the
     /// delay travels in `agentq-not-before` and the agent sends it on (chained).
     async fn enqueue(
@@ -431,7 +537,7 @@ impl Replanner {
         enq: &Enqueue,
         now: EpochMillis,
     ) -> Result<(), ReplanError> {
-        let (delay_seconds, not_before) = delay_parts(enq.delay, now);
+        let (delay_seconds, not_before) = agentq_core::delay::delay_parts(enq.delay, now);
         let mut req = self
             .sqs
             .send_message()
@@ -450,9 +556,18 @@ impl Replanner {
             job_id: job.to_string(),
             op: "SendMessage",
             queue: enq.queue_url.clone(),
+            transient: agentq_core::aws::is_transient(&e),
             message: agentq_core::aws::display(&e),
         })?;
         Ok(())
+    }
+
+    /// Exports the spans and delivers the notifications of what was handled so far, until
+    /// `until` at the latest (at most [`FLUSH_BUDGET`] from now). A batch does it itself;
+    /// callers of [`Replanner::sweep`] call it after each sweep.
+    pub async fn flush_observability(&self, until: tokio::time::Instant) {
+        let until = until.min(tokio::time::Instant::now() + FLUSH_BUDGET);
+        self.obs.flush(until).await;
     }
 
     /// A plan was written: its `Replans` metric and the job's state-change notification.
@@ -490,7 +605,7 @@ impl Replanner {
     ) -> Result<(), ReplanError> {
         let d = Decision {
             at: now,
-            action: action::ENQUEUED.into(),
+            action: Action::Enqueued,
             by: BY.into(),
             attempt: attempt.get(),
             cause: None,
@@ -512,14 +627,6 @@ impl Replanner {
             Err(e) => Err(e.into()),
         }
     }
-}
-
-/// SQS `DelaySeconds` for a delay, and the `agentq-not-before` epoch millis when the
-/// delay is longer than SQS allows (the agent sends such a message on with the rest).
-pub fn delay_parts(delay: std::time::Duration, now: EpochMillis) -> (i32, Option<EpochMillis>) {
-    let secs = delay.as_secs();
-    let not_before = (secs > SQS_MAX_DELAY_SECONDS).then(|| now + delay.as_millis() as i64);
-    (secs.min(SQS_MAX_DELAY_SECONDS) as i32, not_before)
 }
 
 fn string_attr(v: &str) -> MessageAttributeValue {
@@ -555,21 +662,5 @@ fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
         Some((i, _)) => &s[..i],
         None => s,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn long_delays_are_chained_with_not_before() {
-        assert_eq!(delay_parts(Duration::from_secs(0), 5), (0, None));
-        assert_eq!(delay_parts(Duration::from_secs(900), 5), (900, None));
-        assert_eq!(
-            delay_parts(Duration::from_secs(3600), 1_000),
-            (900, Some(1_000 + 3_600_000))
-        );
     }
 }

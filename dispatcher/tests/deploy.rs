@@ -284,7 +284,7 @@ async fn deploy_bootstraps_updates_in_place_and_is_idempotent() {
             "--create-function",
             "--role-arn",
             &role,
-            "--timeout",
+            "--function-timeout-seconds",
             "60",
         ])
         .await
@@ -320,7 +320,7 @@ async fn deploy_bootstraps_updates_in_place_and_is_idempotent() {
             "--create-function",
             "--role-arn",
             &role,
-            "--timeout",
+            "--function-timeout-seconds",
             "60",
             "--batch-size",
             "5",
@@ -446,7 +446,7 @@ async fn a_queue_whose_visibility_is_shorter_than_the_function_timeout_is_refuse
             "--create-function",
             "--role-arn",
             &role,
-            "--timeout",
+            "--function-timeout-seconds",
             "60",
         ])
         .await
@@ -607,7 +607,7 @@ async fn the_binary_prints_a_json_plan_on_dry_run() {
             "--create-function",
             "--role-arn",
             &role,
-            "--timeout",
+            "--function-timeout-seconds",
             "60",
             "--enabled",
             "false",

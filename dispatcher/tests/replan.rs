@@ -9,8 +9,8 @@ use agentq_core::layout::{Layout, msg_attr};
 use agentq_core::record::{Decision, now_ms};
 use agentq_core::spec::{JobSpec, ValidationContext};
 use agentq_core::store::{ClaimOutcome, ClaimRequest, Finish, Replan};
-use agentq_core::{Attempt, FailureCause, JobId, JobRecord, JobState, JobStore, Progress};
-use agentq_dispatcher::plan::{BY, action};
+use agentq_core::{Action, Attempt, FailureCause, JobId, JobRecord, JobState, JobStore, Progress};
+use agentq_dispatcher::plan::BY;
 use agentq_dispatcher::poller::{self, PollOptions};
 use agentq_dispatcher::replan::PLAN_ATTR;
 use agentq_dispatcher::{Policy, RawPolicy, Replanner, StatsSnapshot};
@@ -170,16 +170,12 @@ impl Env {
     /// Runs the poller until the DLQ is drained; returns what this run counted.
     async fn replan(&self) -> StatsSnapshot {
         let before = self.replanner.stats();
-        let opts = PollOptions {
-            dlq_url: self.r.dlq_url.clone(),
-            wait_seconds: 0,
-            once: true,
-        };
+        let opts = PollOptions::new(&self.r.dlq_url, 0, true);
         poller::run(
             &self.replanner,
             &self.sqs,
             &opts,
-            std::future::pending::<()>(),
+            tokio_util::sync::CancellationToken::new(),
         )
         .await
         .expect("poller");
@@ -233,7 +229,7 @@ impl Env {
     }
 }
 
-fn decisions<'a>(rec: &'a JobRecord, act: &str) -> Vec<&'a Decision> {
+fn decisions(rec: &JobRecord, act: Action) -> Vec<&Decision> {
     rec.history
         .iter()
         .filter(|d| d.by == BY && d.action == act)
@@ -360,25 +356,25 @@ async fn each_cause_gets_its_plan() {
     for s in [&transient, &crashed] {
         let rec = e.get(&s.job_id).await;
         assert_eq!(rec.status, JobState::RetryScheduled);
-        assert_eq!(decisions(&rec, action::RETRY).len(), 1);
-        assert_eq!(decisions(&rec, action::ENQUEUED).len(), 1);
+        assert_eq!(decisions(&rec, Action::Retry).len(), 1);
+        assert_eq!(decisions(&rec, Action::Enqueued).len(), 1);
     }
     let rec = e.get(&resume.job_id).await;
     assert_eq!(rec.status, JobState::Resuming);
     assert_eq!(rec.segment, 2);
     assert_eq!(rec.resume_session.as_deref(), Some("sess-1"));
-    assert_eq!(decisions(&rec, action::RESUME).len(), 1);
+    assert_eq!(decisions(&rec, Action::Resume).len(), 1);
 
     let rec = e.get(&escalate.job_id).await;
     assert_eq!(rec.status, JobState::RetryScheduled);
     assert_eq!(rec.tier.as_deref(), Some("large"));
-    let d = decisions(&rec, action::ESCALATE);
+    let d = decisions(&rec, Action::Escalate);
     assert_eq!(d[0].queue.as_deref(), Some(e.large_url.as_str()));
 
     // Already on the biggest tier, nothing to resume: terminal.
     let rec = e.get(&top.job_id).await;
     assert_eq!(rec.status, JobState::Dead);
-    assert_eq!(decisions(&rec, action::FAIL).len(), 1);
+    assert_eq!(decisions(&rec, Action::Fail).len(), 1);
     assert!(
         rec.reason
             .as_deref()
@@ -396,7 +392,7 @@ async fn each_cause_gets_its_plan() {
             JobState::Dead
         };
         assert_eq!(rec.status, want, "{cause}");
-        let d = decisions(&rec, action::FAIL);
+        let d = decisions(&rec, Action::Fail);
         assert_eq!(d.len(), 1, "{cause}");
         assert_eq!(d[0].cause.as_deref(), Some(cause.kind()));
         assert!(d[0].reason.contains("not retryable"), "{}", d[0].reason);
@@ -428,8 +424,8 @@ async fn a_duplicated_dlq_message_enqueues_once() {
 
     assert_eq!(e.take(&e.r.queue_url).await.len(), 1);
     let rec = e.get(&s.job_id).await;
-    assert_eq!(decisions(&rec, action::RETRY).len(), 1);
-    assert_eq!(decisions(&rec, action::ENQUEUED).len(), 1);
+    assert_eq!(decisions(&rec, Action::Retry).len(), 1);
+    assert_eq!(decisions(&rec, Action::Enqueued).len(), 1);
 }
 
 #[tokio::test]
@@ -505,7 +501,7 @@ async fn budgets_end_in_dead_with_the_reason() {
     ] {
         let rec = e.get(&s.job_id).await;
         assert_eq!(rec.status, JobState::Dead, "{needle}");
-        let d = decisions(&rec, action::DEAD);
+        let d = decisions(&rec, Action::Dead);
         assert_eq!(d.len(), 1, "{needle}");
         assert!(d[0].reason.contains(needle), "{}", d[0].reason);
         assert_eq!(rec.reason.as_deref(), Some(d[0].reason.as_str()));
@@ -546,7 +542,7 @@ async fn resumed_segments_are_bounded() {
     let rec = e.get(&s.job_id).await;
     assert_eq!(rec.status, JobState::Dead);
     assert!(
-        decisions(&rec, action::DEAD)[0]
+        decisions(&rec, Action::Dead)[0]
             .reason
             .contains("max_segments 2"),
         "{:?}",
@@ -575,7 +571,7 @@ max_delay = "2h"
     .await;
     e.replan().await;
     let rec = e.get(&s.job_id).await;
-    let d = decisions(&rec, action::RETRY);
+    let d = decisions(&rec, Action::Retry);
     let delay = d[0].delay_seconds.expect("delay");
     assert!((1200..=2400).contains(&delay), "{delay}");
     // Longer than SQS allows: sent with DelaySeconds=900 (invisible now) plus not-before.
@@ -630,7 +626,7 @@ async fn a_redriven_spec_with_a_stale_lease_is_retried_and_a_live_one_dropped() 
     let rec = e.get(&stale.job_id).await;
     assert_eq!(rec.status, JobState::RetryScheduled);
     assert_eq!(rec.cause.as_deref(), Some("crashed"));
-    let d = decisions(&rec, action::RETRY);
+    let d = decisions(&rec, Action::Retry);
     assert_eq!(d[0].cause.as_deref(), Some("crashed"));
     assert!(
         d[0].reason.contains("stopped heartbeating"),
@@ -645,7 +641,7 @@ async fn a_redriven_spec_with_a_stale_lease_is_retried_and_a_live_one_dropped() 
         JobState::Queued,
         "a job that never ran stays QUEUED"
     );
-    assert_eq!(decisions(&rec, action::RETRY).len(), 1);
+    assert_eq!(decisions(&rec, Action::Retry).len(), 1);
     assert_eq!(e.get(&done.job_id).await.status, JobState::Succeeded);
 
     // The re-enqueued message is redriven again later (plan 1): that is a new failure,
@@ -702,7 +698,7 @@ async fn a_plan_whose_send_was_lost_is_resent_once_after_the_grace() {
     // A dispatcher wrote its plan and died before the SendMessage: just now ...
     let decision = |at: i64| Decision {
         at,
-        action: action::RETRY.into(),
+        action: Action::Retry,
         by: BY.into(),
         attempt: a.get(),
         cause: Some("infra_transient".into()),
@@ -765,7 +761,7 @@ async fn a_plan_whose_send_was_lost_is_resent_once_after_the_grace() {
         vec![s2.job_id.to_string()]
     );
     let rec = e.get(&s2.job_id).await;
-    assert_eq!(decisions(&rec, action::ENQUEUED).len(), 1);
+    assert_eq!(decisions(&rec, Action::Enqueued).len(), 1);
 }
 
 #[tokio::test]
@@ -807,9 +803,17 @@ async fn the_binary_drains_the_dlq_with_a_policy_file() {
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, NO_DELAY).expect("write policy");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentq-dispatcher"))
-        .args(["replan", "--once", "--wait-seconds", "0", "--policy"])
+        .args([
+            "replan",
+            "--once",
+            "--wait-seconds",
+            "0",
+            "--output",
+            "json",
+            "--policy",
+        ])
         .arg(&policy)
-        .args(["--tier-queue", &format!("large={}", e.large_url)])
+        .args(["--tier-queues", &format!("large={}", e.large_url)])
         .envs(e.r.env())
         .output()
         .await
@@ -835,7 +839,11 @@ async fn the_binary_drains_the_dlq_with_a_policy_file() {
         .await
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(agentq_core::exit::USAGE)),
+        "{stderr}"
+    );
     assert!(stderr.contains("causes.crashed.base_delay"), "{stderr}");
 }
 

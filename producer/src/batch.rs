@@ -184,7 +184,7 @@ impl Producer {
             // A tokio semaphore permit may be held across awaits (no lock is held).
             let _permit = records.acquire().await;
             let job_id = p.spec.job_id.clone();
-            let res = match self.record(store, &p.spec).await {
+            let res = match self.record(store, &p).await {
                 Ok(created) => self.offload(store, p, created).await.map(|o| (o, created)),
                 Err(e) => Err(e),
             };

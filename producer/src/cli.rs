@@ -24,46 +24,31 @@ use crate::logs::LogRequest;
 use crate::output::{ListRow, StatusView, list_table, watch_line};
 use crate::producer::{Producer, ProducerOptions, SubmitOptions, WaitUntil};
 
-/// Exit codes of the `agentq` binary.
+/// Exit codes of the `agentq` binary: the codes every agentq binary uses
+/// ([`agentq_core::exit`]).
 pub mod exit_code {
-    /// Success (for `submit --wait` and `watch`: the job `SUCCEEDED`).
-    pub const OK: u8 = 0;
-    /// Anything not covered below.
-    pub const OTHER: u8 = 1;
-    /// Usage or invalid input: bad spec, bad flag, missing or malformed setting.
-    pub const USAGE: u8 = 2;
-    /// The job does not exist.
-    pub const NOT_FOUND: u8 = 3;
-    /// The job finished unsuccessfully: `FAILED`, `TIMED_OUT`, `CANCELLED` or `DEAD`
-    /// (`submit --wait`, `watch`).
-    pub const JOB_UNSUCCESSFUL: u8 = 4;
-    /// AWS answered with an error or could not be reached; the message says whether
-    /// retrying may help.
-    pub const SERVICE: u8 = 5;
-    /// A job with this job_id already exists (it was submitted before).
-    pub const ALREADY_EXISTS: u8 = 6;
+    pub use agentq_core::exit::{
+        ALREADY_EXISTS, JOB_UNSUCCESSFUL, NOT_FOUND, OK, OTHER, SERVICE, USAGE,
+    };
 }
 
-/// The exit-code table shown under every `--help`.
-pub const EXIT_CODES_HELP: &str = "\
-Exit codes:
-  0  success (submit --wait / watch: the job SUCCEEDED)
-  1  any other error
-  2  usage or invalid input: bad spec (the field is named), bad flag, missing setting
-  3  job not found
-  4  the job finished unsuccessfully: FAILED, TIMED_OUT, CANCELLED or DEAD (submit --wait, watch)
-  5  AWS service error; the message says whether retrying may help
-  6  a job with this job_id already exists
+/// What every `--help` ends with: the shared exit-code table, then where settings come
+/// from.
+pub fn after_help() -> String {
+    format!("{}\n\n{SETTINGS_HELP}", agentq_core::exit::HELP)
+}
 
-Settings come from flags or AGENTQ_* variables; AWS access from the standard AWS
-environment (AWS_REGION, AWS_PROFILE, credentials; AWS_ENDPOINT_URL for an emulator).
-JSON output (--output json) is valid JSON on stdout; messages go to stderr.";
+const SETTINGS_HELP: &str = "\
+Settings come from flags or their variables (AGENTQ_ + the flag's name in upper case,
+shown next to each flag); AWS access from the standard AWS environment (AWS_REGION,
+AWS_PROFILE, credentials; AWS_ENDPOINT_URL for an emulator). JSON output (--output json)
+is valid JSON on stdout; messages go to stderr.";
 
 /// Run agent CLI jobs (Claude Code, Codex, any command) on AWS Lambda through SQS.
 ///
 /// Submit job specs to the jobs queue, follow their progress and logs, list and cancel them.
 #[derive(Debug, Parser)]
-#[command(name = "agentq", version, after_help = EXIT_CODES_HELP, propagate_version = true)]
+#[command(name = "agentq", version, after_help = after_help(), propagate_version = true)]
 pub struct Cli {
     /// Output format: human-readable text, or JSON on stdout (messages stay on stderr).
     #[arg(
@@ -85,40 +70,36 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// `--output`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    Text,
-    Json,
-}
+/// `--output` (the same flag on every agentq binary).
+pub use agentq_core::OutputFormat;
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Submit a job spec (a JSON file, `-` for stdin, JSON Lines with --batch) or a quick
     /// job from --prompt / --preset / `-- ARGV`. Prints the job id(s) on stdout.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = after_help())]
     Submit(SubmitArgs),
     /// Show a job: state, attempt, progress, timings, cause, decisions and log locations.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = after_help())]
     Status(StatusArgs),
     /// Follow a job live until it finishes; the exit code reflects its outcome.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = after_help())]
     Watch(WatchArgs),
     /// Print a job's logs (default: the latest attempt's stdout); --follow waits for more.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = after_help())]
     Logs(LogsArgs),
     /// List jobs, newest change first, optionally by state.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = after_help())]
     List(ListArgs),
     /// Cancel a job: a queued job is CANCELLED at once and never runs; a running job is
     /// flagged and its agent stops it at the next heartbeat.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = after_help())]
     Cancel(CancelArgs),
     /// Serve a local web dashboard until Ctrl-C: jobs with filters and live updates, a
     /// job's progress, attempts, decisions, cost chart and live logs, failures and the
     /// DLQ, and cancel. Open the address it prints.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = after_help())]
     Dashboard(DashboardArgs),
 }
 
@@ -354,8 +335,8 @@ pub enum Outcome {
 impl Outcome {
     pub fn exit_code(self) -> u8 {
         match self {
-            Self::Done | Self::Job(JobState::Succeeded) => exit_code::OK,
-            Self::Job(_) => exit_code::JOB_UNSUCCESSFUL,
+            Self::Done => exit_code::OK,
+            Self::Job(state) => agentq_core::ExitStatus::of_job(state).code(),
         }
     }
 }
@@ -873,8 +854,7 @@ mod tests {
         let mut cmd = Cli::command();
         for sub in cmd.get_subcommands_mut() {
             let help = sub.render_long_help().to_string();
-            assert!(help.contains("Exit codes:"), "{}", sub.get_name());
-            assert!(help.contains("  4  the job finished unsuccessfully"));
+            assert!(help.contains(agentq_core::exit::HELP), "{}", sub.get_name());
         }
     }
 }

@@ -5,20 +5,10 @@
 use agentq_core::spec::SpecViolation;
 use agentq_core::{ConfigError, JobId, SpecError, StoreError};
 
-/// What kind of failure an error is; the `agentq` binary maps each to an exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Bad input: a spec, a flag, a missing or malformed setting (exit 2).
-    Usage,
-    /// The job (or its logs) does not exist (exit 3).
-    NotFound,
-    /// A job with this id already exists (exit 6).
-    AlreadyExists,
-    /// AWS answered with an error or could not be reached (exit 5).
-    Service,
-    /// Anything else (exit 1).
-    Other,
-}
+/// What kind of failure an error is: the exit status it ends the `agentq` binary with
+/// (the codes shared by all agentq binaries, [`agentq_core::exit`]). Errors are
+/// `Usage` (2), `NotFound` (3), `Service` (5), `AlreadyExists` (6) or `Other` (1).
+pub type ErrorClass = agentq_core::ExitStatus;
 
 /// What became of the `QUEUED` record when a submit failed after writing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,8 +182,8 @@ impl ProducerError {
             Self::NotFound { .. } => ErrorClass::NotFound,
             Self::AlreadyExists { .. } => ErrorClass::AlreadyExists,
             Self::Send { .. } | Self::Offload { .. } | Self::S3 { .. } => ErrorClass::Service,
-            Self::Store(StoreError::Aws { .. }) => ErrorClass::Service,
-            Self::Store(_) | Self::Output(_) => ErrorClass::Other,
+            Self::Store(e) => e.exit_status(),
+            Self::Output(_) => ErrorClass::Other,
             Self::Batch { first, .. } => first.class(),
         }
     }

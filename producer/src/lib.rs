@@ -18,7 +18,7 @@
 //! use agentq_core::{JobSpec, Settings, SettingsArgs};
 //! use agentq_producer::{Producer, SubmitOptions, WaitUntil};
 //!
-//! let sdk = agentq_core::load_sdk_config().await;
+//! let sdk = agentq_core::load_sdk_config().await?;
 //! // Queue, table and bucket from the flags' environment fallbacks (AGENTQ_*).
 //! let settings = Settings::from_args(&SettingsArgs {
 //!     queue_url: std::env::var("AGENTQ_QUEUE_URL").ok(),

@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use agentq_core::ExitStatus;
 use agentq_producer::cli::{Cli, Deps, OutputFormat, exit_code, run};
 use agentq_producer::{ErrorClass, ProducerError};
 use clap::Parser;
@@ -33,10 +34,10 @@ async fn main() -> ExitCode {
     };
     init_tracing(cli.verbose);
     let json = cli.output == OutputFormat::Json;
-    let deps = Deps {
-        sdk: agentq_core::load_sdk_config().await,
+    let result: anyhow::Result<_> = match agentq_core::load_sdk_config().await {
+        Ok(sdk) => run(cli, &Deps { sdk }).await.map_err(anyhow::Error::from),
+        Err(e) => Err(ProducerError::from(e).into()),
     };
-    let result: anyhow::Result<_> = run(cli, &deps).await.map_err(anyhow::Error::from);
     match result {
         Ok(outcome) => ExitCode::from(outcome.exit_code()),
         // A reader that went away (`agentq logs JOB | head`) is not an error.
@@ -89,33 +90,28 @@ fn wants_json() -> bool {
     args.windows(2)
         .any(|w| (w[0] == "--output" || w[0] == "-o") && w[1] == "json")
         || args.iter().any(|a| a == "--output=json" || a == "-ojson")
-        || std::env::var("AGENTQ_OUTPUT").is_ok_and(|v| v == "json")
+        || std::env::var(agentq_core::output::OUTPUT_ENV).is_ok_and(|v| v == "json")
 }
 
 /// The exit code of an error (see `agentq --help`).
 fn code_for(err: &anyhow::Error) -> u8 {
-    match err
-        .downcast_ref::<ProducerError>()
-        .map(ProducerError::class)
-    {
-        Some(ErrorClass::Usage) => exit_code::USAGE,
-        Some(ErrorClass::NotFound) => exit_code::NOT_FOUND,
-        Some(ErrorClass::AlreadyExists) => exit_code::ALREADY_EXISTS,
-        Some(ErrorClass::Service) => exit_code::SERVICE,
-        Some(ErrorClass::Other) | None => exit_code::OTHER,
-    }
+    err.downcast_ref::<ProducerError>()
+        .map_or(ExitStatus::Other, ProducerError::class)
+        .code()
 }
 
-/// Diagnostics to stderr: `AGENTQ_LOG` (a tracing filter) or -v/-vv; warnings by default
-/// (but not the SDK's notes about probing instance metadata for a region).
+/// Diagnostics to stderr: `AGENTQ_LOG` (a tracing filter; `RUST_LOG` when unset) or
+/// -v/-vv; warnings by default (but not the SDK's notes about probing instance metadata
+/// for a region).
 fn init_tracing(verbose: u8) {
     let default = match verbose {
         0 => "warn,aws_config=error",
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTQ_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = agentq_core::output::log_filter()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use agentq_core::payload::PayloadPointer;
 use agentq_core::record::{EpochMillis, now_ms, rfc3339};
 use agentq_core::{Attempt, JobRecord, JobState, Progress};
 use serde::Serialize;
@@ -102,8 +103,12 @@ pub struct StatusView {
     pub result_key: Option<String>,
     pub attempts: Vec<AttemptView>,
     pub history: Vec<DecisionView>,
-    /// The stored spec, parsed (absent when the record has none).
+    /// The stored spec, parsed (absent when the record has none, or keeps only a pointer).
     pub spec: Option<serde_json::Value>,
+    /// `s3://bucket/key` of the spec when the record keeps a pointer to it instead (a
+    /// spec too large for a DynamoDB item); read it with `aws s3 cp URL -`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec_location: Option<String>,
 }
 
 impl StatusView {
@@ -186,7 +191,7 @@ impl StatusView {
                 .iter()
                 .map(|d| DecisionView {
                     at: Time::new(d.at),
-                    action: d.action.clone(),
+                    action: d.action.to_string(),
                     by: d.by.clone(),
                     attempt: d.attempt,
                     cause: d.cause.clone(),
@@ -198,7 +203,13 @@ impl StatusView {
             spec: rec
                 .spec
                 .as_deref()
+                .filter(|s| PayloadPointer::parse(s).is_none())
                 .and_then(|s| serde_json::from_str(s).ok()),
+            spec_location: rec
+                .spec
+                .as_deref()
+                .and_then(PayloadPointer::parse)
+                .map(|p| p.url()),
         }
     }
 
@@ -274,6 +285,9 @@ impl StatusView {
         }
         if !self.labels.is_empty() {
             let _ = writeln!(s, "labels     {}", labels_text(&self.labels));
+        }
+        if let Some(l) = &self.spec_location {
+            let _ = writeln!(s, "spec       {l} (too large for the record)");
         }
         if let Some(l) = &self.logs {
             let _ = writeln!(s, "logs       {l}{{stdout,stderr,events}}/");

@@ -7,6 +7,11 @@
 //! (conditionally: only while still `QUEUED` with our `created_at`), so submitting the same
 //! spec again works; the error says whether that removal succeeded.
 //!
+//! Specs of any size validation accepts ([`agentq_core::spec::MAX_SPEC_BYTES`]) are
+//! submitted: above the offload threshold they travel through S3, and a spec too large
+//! for a DynamoDB item ([`RECORD_SPEC_MAX_BYTES`]) is kept in its record as the pointer
+//! (the rule of [`agentq_core::payload::record_spec`], which agent and dispatcher follow).
+//!
 //! Each submitted job starts its trace here (a `agentq.submit` span whose context travels
 //! in the message's `traceparent` attribute) and notifies `QUEUED` once its message is
 //! on the queue; a cancel that ends a job notifies `CANCELLED`.
@@ -17,7 +22,9 @@ use std::time::Duration;
 
 use agentq_core::layout::{attr, msg_attr};
 use agentq_core::notify::{Actor, JobEvent};
-use agentq_core::payload::{DEFAULT_OFFLOAD_THRESHOLD, PayloadPointer, SIZE_ATTRIBUTE};
+use agentq_core::payload::{
+    DEFAULT_OFFLOAD_THRESHOLD, PayloadPointer, RECORD_SPEC_MAX_BYTES, SIZE_ATTRIBUTE,
+};
 use agentq_core::record::{EpochMillis, now_ms};
 use agentq_core::spec::JobSpec;
 use agentq_core::store::CancelOutcome;
@@ -36,9 +43,6 @@ use crate::error::{ProducerError, RecordFate};
 pub const MAX_DELAY_SECONDS: u32 = 900;
 /// The label whose value becomes the `MessageGroupId` on FIFO queues (else the job id).
 pub const DEFAULT_GROUP_LABEL: &str = "group";
-/// Largest spec the jobs table can keep: the record stores the spec, and a DynamoDB item
-/// holds at most 400 KB (409,600 bytes) including the other attributes.
-pub const MAX_RECORD_SPEC_BYTES: usize = 390_000;
 /// Who a cancel is recorded as in the job's history.
 pub const CANCELLED_BY: &str = "producer";
 
@@ -46,7 +50,9 @@ pub const CANCELLED_BY: &str = "producer";
 #[derive(Debug, Clone)]
 pub struct ProducerOptions {
     /// Specs whose JSON is larger than this many bytes are stored in S3 and sent as an
-    /// Extended Client pointer (default [`DEFAULT_OFFLOAD_THRESHOLD`]).
+    /// Extended Client pointer (default [`DEFAULT_OFFLOAD_THRESHOLD`]). Specs larger than
+    /// [`RECORD_SPEC_MAX_BYTES`] always are, whatever the threshold: their record keeps
+    /// the pointer.
     pub offload_threshold: usize,
     /// `SendMessageBatch` calls in flight at once during a batch submit (default 8).
     pub send_concurrency: usize,
@@ -174,7 +180,7 @@ pub(crate) struct Planned {
 /// use agentq_core::{JobSpec, Settings, SettingsArgs, AgentPreset};
 /// use agentq_producer::{Producer, SubmitOptions};
 ///
-/// let sdk = agentq_core::load_sdk_config().await;
+/// let sdk = agentq_core::load_sdk_config().await?;
 /// let settings = Settings::from_args(&SettingsArgs {
 ///     queue_url: Some("https://sqs.us-east-1.amazonaws.com/123456789012/agentq-jobs".into()),
 ///     table: Some("agentq-jobs".into()),
@@ -281,7 +287,7 @@ impl Producer {
         let queue_url = self.settings.queue_url()?.to_owned();
         let store = self.store()?;
         let planned = self.plan(spec, opts, &queue_url)?;
-        let created_at = self.record(&store, &planned.spec).await?;
+        let created_at = self.record(&store, &planned).await?;
         let out = self.offload(&store, planned, created_at).await?;
         let mut req = self
             .clients
@@ -361,18 +367,12 @@ impl Producer {
             (None, None)
         };
         let json = spec.to_json();
-        if json.len() > MAX_RECORD_SPEC_BYTES {
-            return Err(ProducerError::Input(format!(
-                "job {}: the spec is {} bytes; the job record keeps the spec and a DynamoDB item holds at most 400 KB, so the limit is {MAX_RECORD_SPEC_BYTES} bytes: move large inputs to S3 and have the job fetch them",
-                spec.job_id,
-                json.len()
-            )));
-        }
-        let offload_bucket = if json.len() > self.opts.offload_threshold {
-            Some(self.settings.bucket()?.to_owned())
-        } else {
-            None
-        };
+        let offload_bucket =
+            if json.len() > self.opts.offload_threshold || json.len() > RECORD_SPEC_MAX_BYTES {
+                Some(self.settings.bucket()?.to_owned())
+            } else {
+                None
+            };
         Ok(Planned {
             spec,
             json,
@@ -383,13 +383,31 @@ impl Producer {
         })
     }
 
-    /// Writes the `QUEUED` record; returns its `created_at` (for a later rollback).
+    /// Where a planned offload stores the spec (known before it is written).
+    fn payload_pointer(&self, p: &Planned) -> Option<PayloadPointer> {
+        p.offload_bucket.as_ref().map(|bucket| PayloadPointer {
+            bucket: bucket.clone(),
+            key: self.settings.layout().payload(p.spec.job_id.as_str()),
+        })
+    }
+
+    /// Writes the `QUEUED` record; returns its `created_at` (for a later rollback). A spec
+    /// too large for the record is kept there as its pointer (the object is written next,
+    /// before the message is sent, and the record is removed again if that fails).
     pub(crate) async fn record(
         &self,
         store: &JobStore,
-        spec: &ValidSpec,
+        p: &Planned,
     ) -> Result<EpochMillis, ProducerError> {
-        match store.create_queued(spec, now_ms()).await {
+        let pointer = self.payload_pointer(p).map(|ptr| ptr.to_body());
+        let stored = agentq_core::payload::record_spec(&p.json, pointer.as_deref());
+        let created = if stored == p.json {
+            store.create_queued(&p.spec, now_ms()).await
+        } else {
+            self.create_queued_as(store, &p.spec, stored, now_ms())
+                .await
+        };
+        match created {
             Ok(rec) => Ok(rec.created_at),
             Err(agentq_core::StoreError::AlreadyExists { job_id }) => {
                 Err(ProducerError::AlreadyExists {
@@ -401,6 +419,58 @@ impl Producer {
         }
     }
 
+    /// The item [`JobStore::create_queued`] writes, with `stored_spec` as the spec (here:
+    /// the pointer of a spec too large for an item). The same conditional put: an
+    /// existing job id is refused.
+    async fn create_queued_as(
+        &self,
+        store: &JobStore,
+        spec: &ValidSpec,
+        stored_spec: &str,
+        now: EpochMillis,
+    ) -> Result<JobRecord, agentq_core::StoreError> {
+        let mut rec = JobRecord::new(spec.job_id.clone(), JobState::Queued, now);
+        rec.spec = Some(stored_spec.to_owned());
+        rec.tier = spec.spec.tier.clone();
+        rec.labels = spec.spec.labels.clone();
+        rec.expires_at = Some(now / 1000 + agentq_core::store::DEFAULT_RETENTION_DAYS * 86_400);
+        let item =
+            serde_dynamo::to_item(&rec).map_err(|source| agentq_core::StoreError::Corrupt {
+                job_id: rec.job_id.to_string(),
+                table: store.table().to_owned(),
+                source,
+            })?;
+        let res = self
+            .clients
+            .dynamodb
+            .put_item()
+            .table_name(store.table())
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#id)")
+            .expression_attribute_names("#id", attr::JOB_ID)
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(rec),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Err(agentq_core::StoreError::AlreadyExists {
+                    job_id: rec.job_id.clone(),
+                })
+            }
+            Err(e) => Err(agentq_core::StoreError::Aws {
+                job_id: rec.job_id.to_string(),
+                op: "PutItem",
+                table: store.table().to_owned(),
+                transient: agentq_core::aws::is_transient(&e),
+                message: agentq_core::aws::display(&e),
+                source: Box::new(e),
+            }),
+        }
+    }
+
     /// Stores the spec in S3 when planned so, and builds the message.
     pub(crate) async fn offload(
         &self,
@@ -409,6 +479,7 @@ impl Producer {
         created_at: EpochMillis,
     ) -> Result<Outgoing, ProducerError> {
         let job_id = p.spec.job_id.clone();
+        let pointer = self.payload_pointer(&p);
         let mut attributes = HashMap::from([(
             msg_attr::JOB_ID.to_owned(),
             string_attr("String", job_id.as_str()),
@@ -443,12 +514,11 @@ impl Producer {
             span: Arc::new(Mutex::new(span)),
             queued,
         };
-        let Some(bucket) = p.offload_bucket else {
+        let Some(PayloadPointer { bucket, key }) = pointer else {
             out.body = p.json;
             out.attributes = attributes;
             return Ok(out);
         };
-        let key = self.settings.layout().payload(job_id.as_str());
         let size = p.json.len();
         let put = self
             .clients

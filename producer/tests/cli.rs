@@ -376,15 +376,31 @@ async fn a_real_spec_over_256_kib_is_offloaded_by_default() {
     assert!(out.stderr.contains("(1 through S3)"), "{}", out.stderr);
     check_offloaded(&r, "huge-1", 300 * 1024).await;
 
-    // Too large for the job record (a DynamoDB item holds 400 KB): refused up front.
+    // Too large for the job record (a DynamoDB item holds 400 KB), even with the offload
+    // threshold raised above it: stored in S3, and the record keeps the pointer.
     let prompt = "w".repeat(395_000);
-    let spec = format!(r#"{{"spec_version":1,"agent":"codex","prompt":"{prompt}"}}"#);
-    let mut cmd = command(&r, dir.path(), &["submit", "-"]);
+    let spec =
+        format!(r#"{{"spec_version":1,"job_id":"huge-2","agent":"codex","prompt":"{prompt}"}}"#);
+    let mut cmd = command(&r, dir.path(), &["submit", "-", "--output", "json"]);
+    cmd.env("AGENTQ_OFFLOAD_THRESHOLD", "1000000");
     let out = finish(&mut cmd, Some(spec.as_bytes())).await;
-    assert_eq!(out.code, 2, "{out:?}");
-    assert!(out.stderr.contains("at most 400 KB"), "{}", out.stderr);
-    // (huge-1 is in flight with the Python reader; nothing new became visible.)
-    assert!(r.drain(&r.queue_url).await.is_empty());
+    assert_eq!(out.code, 0, "{out:?}");
+    let offloaded = &out.json()["offloaded"];
+    let rec = store(&r)
+        .require(&JobId::parse("huge-2").unwrap())
+        .await
+        .unwrap();
+    let kept = PayloadPointer::parse(rec.spec.as_deref().unwrap()).expect("a pointer");
+    assert_eq!(offloaded["key"], kept.key.as_str());
+    assert_eq!(offloaded["size"], spec.len());
+    // huge-1 (just over 300 KiB) too; the 5 KB big-1 of the test above keeps its spec.
+    let rec = store(&r)
+        .require(&JobId::parse("huge-1").unwrap())
+        .await
+        .unwrap();
+    assert!(PayloadPointer::parse(rec.spec.as_deref().unwrap()).is_some());
+    // (huge-1 is in flight with the Python reader; only huge-2 became visible.)
+    assert_eq!(r.drain(&r.queue_url).await.len(), 1);
 }
 
 #[tokio::test]
@@ -858,6 +874,7 @@ async fn bad_input_names_the_field_or_setting() {
         r#"{"spec_version":1,"agent":"command"}"#.to_owned(),
         "not json".to_owned(),
         spec_line(None, r#","env":{"PATH":"/x"}"#),
+        r#"{"spec_version":1,"agent":"command","command":"not-an-array"}"#.to_owned(),
     ]
     .join("\n");
     std::fs::write(d.join("b.jsonl"), lines).unwrap();
@@ -865,7 +882,7 @@ async fn bad_input_names_the_field_or_setting() {
     assert_eq!(out.code, 2, "{out:?}");
     assert!(
         out.stderr
-            .contains("3 of 4 specs are not valid; nothing was submitted"),
+            .contains("4 of 5 specs are not valid; nothing was submitted"),
         "{}",
         out.stderr
     );
@@ -898,7 +915,8 @@ async fn bad_input_names_the_field_or_setting() {
         [
             "b.jsonl line 2 command",
             "b.jsonl line 3 (spec)",
-            "b.jsonl line 4 env.PATH"
+            "b.jsonl line 4 env.PATH",
+            "b.jsonl line 5 command"
         ]
     );
     assert!(r.drain(&r.queue_url).await.is_empty());
@@ -958,7 +976,7 @@ async fn bad_input_names_the_field_or_setting() {
     assert!(out.stderr.contains("nothing to submit"), "{}", out.stderr);
     let out = agentq(&r, d, &["--help"]).await;
     assert_eq!(out.code, 0);
-    assert!(out.stdout.contains("Exit codes:"));
+    assert!(out.stdout.contains(agentq_core::exit::HELP));
 }
 
 /// Regression: `agentq logs JOB | head` exited 1 ("writing output failed: Broken pipe").

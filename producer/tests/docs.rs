@@ -1,6 +1,6 @@
 //! The job spec reference stays complete and correct: every field of the checked-in JSON
 //! Schema is documented in `docs/job-spec.md`, every ```json example there is a valid
-//! spec, and the exit codes there are the binary's.
+//! spec, and the exit codes are documented once, in the README.
 
 use std::path::PathBuf;
 
@@ -73,25 +73,22 @@ fn json_examples_are_valid_specs_and_cover_every_preset() {
 }
 
 #[test]
-fn exit_codes_match_the_binary() {
-    use agentq_producer::cli::{EXIT_CODES_HELP, exit_code};
-    let doc = reference();
-    for code in [
-        exit_code::OK,
-        exit_code::OTHER,
-        exit_code::USAGE,
-        exit_code::NOT_FOUND,
-        exit_code::JOB_UNSUCCESSFUL,
-        exit_code::SERVICE,
-        exit_code::ALREADY_EXISTS,
-    ] {
+fn exit_codes_are_documented_once_in_the_readme() {
+    use agentq_core::ExitStatus;
+    let readme = std::fs::read_to_string(docs().join("../README.md")).expect("README.md");
+    for status in ExitStatus::ALL {
+        let code = status.code();
         assert!(
-            doc.contains(&format!("\n| {code} | ")),
-            "code {code} not in the doc"
+            readme.contains(&format!("\n| {code} | ")),
+            "README.md has no row for exit code {code}"
         );
+    }
+    // The other pages point there instead of repeating the table.
+    for page in ["job-spec.md", "producer.md", "dispatcher.md"] {
+        let text = std::fs::read_to_string(docs().join(page)).expect(page);
         assert!(
-            EXIT_CODES_HELP.contains(&format!("\n  {code}  ")),
-            "code {code} not in --help"
+            !text.contains("\n| 6 | "),
+            "{page} repeats the exit-code table; link to README.md#exit-codes"
         );
     }
 }

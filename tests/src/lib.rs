@@ -12,6 +12,7 @@
 //! a recording HTTP receiver (OTLP collector and webhook stand-in).
 
 pub mod agent_clis;
+pub mod faultproxy;
 pub mod http_sink;
 pub mod models;
 pub mod runtime_api;
@@ -118,6 +119,11 @@ pub async fn sdk_config(endpoint: &str) -> SdkConfig {
         .await
 }
 
+/// Whether an emulator answers `GET /moto-api/` on `127.0.0.1:port` (blocking, up to ~2 s).
+pub fn emulator_answers(port: u16) -> bool {
+    answers(port)
+}
+
 fn answers(port: u16) -> bool {
     let Ok(mut s) =
         TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300))
@@ -220,7 +226,11 @@ pub async fn resources() -> Resources {
 }
 
 pub async fn resources_with(opts: ResourceOptions) -> Resources {
-    let emu = emulator().await;
+    resources_on(emulator().await, opts).await
+}
+
+/// [`resources_with`] on a given emulator (e.g. one a harness started for itself).
+pub async fn resources_on(emu: &Emulator, opts: ResourceOptions) -> Resources {
     let name = unique("aq");
     let sqs = aws_sdk_sqs::Client::new(&emu.sdk);
     let dlq_url = create_queue(&sqs, &format!("{name}-dlq"), &[]).await;

@@ -220,6 +220,15 @@ impl Stack {
         if let Some(t) = &k.token {
             env.push(("AWS_SESSION_TOKEN".into(), t.clone()));
         }
+        if who == Who::Agent {
+            // As the template configures the functions: checkpoints under the stack's key,
+            // jobs with aws_credentials under the job role.
+            env.push(("AGENTQ_JOB_ROLE_ARN".into(), self.o("JobRoleArn")));
+            env.push((
+                "AGENTQ_CHECKPOINT_KMS_KEY".into(),
+                self.o("CheckpointKeyArn"),
+            ));
+        }
         if who == Who::Dispatcher {
             env.push((
                 "AGENTQ_TIER_QUEUES".into(),
@@ -562,8 +571,8 @@ fn last_action(r: &JobRecord) -> String {
     r.history
         .iter()
         .rev()
-        .find(|d| d.by == "dispatcher" && d.action != "enqueued")
-        .map(|d| d.action.clone())
+        .find(|d| d.by == "dispatcher" && d.action != agentq_core::Action::Enqueued)
+        .map(|d| d.action.as_str().to_owned())
         .unwrap_or_default()
 }
 
@@ -1302,6 +1311,62 @@ fn template_policies_grant_exactly_what_each_flow_needs() {
         assert!(grants(doc, "ssm:").is_empty(), "{who} reads no secrets");
         assert!(grants(doc, "kms:").is_empty(), "{who} decrypts nothing");
     }
+    // Jobs with aws_credentials: the agent may assume the job role (nothing else in STS)
+    // and use the checkpoint key; the job role reaches job data prefixes only, and the
+    // agent narrows it to one job with a session policy (agent/src/credentials.rs).
+    let access = r["AgentJobAccess"]["Properties"].clone();
+    assert_eq!(access["Roles"], json!([{"!Ref": "AgentRole"}]));
+    let access = access["PolicyDocument"].clone();
+    expect(
+        &access,
+        "sts:",
+        &["sts:AssumeRole"],
+        &set(&[r#"{"!GetAtt":"JobRole.Arn"}"#]),
+    );
+    expect(
+        &access,
+        "kms:",
+        &["kms:GenerateDataKey", "kms:Decrypt"],
+        &set(&[r#"{"!GetAtt":"CheckpointKey.Arn"}"#]),
+    );
+    let job = role_doc("JobRole");
+    let data = set(&[r#"{"!Sub":"${DataBucket.Arn}/${KeyPrefix}/jobs/*/data/*"}"#]);
+    let g = grants(&job, "s3:");
+    for a in [
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+    ] {
+        assert_eq!(g.get(a), Some(&data), "job role {a}");
+    }
+    assert_eq!(
+        g.get("s3:ListBucket"),
+        Some(&set(&[r#"{"!GetAtt":"DataBucket.Arn"}"#]))
+    );
+    assert_eq!(g.len(), 5, "the job role has nothing else in S3: {g:?}");
+    for svc in ["dynamodb:", "sqs:", "ssm:", "kms:", "sts:", "iam:"] {
+        assert!(grants(&job, svc).is_empty(), "job role: no {svc}");
+    }
+    assert_eq!(
+        r["JobRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]["Principal"],
+        json!({"AWS": {"!GetAtt": "AgentRole.Arn"}}),
+        "only the agent assumes the job role"
+    );
+    // Checkpoints (agent transcripts) are readable by the agent role alone.
+    let deny = r["DataBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+        .as_array()
+        .expect("bucket statements")
+        .iter()
+        .find(|s| s["Sid"] == "CheckpointsForTheAgentOnly")
+        .expect("checkpoint deny statement")
+        .clone();
+    assert_eq!(deny["Effect"], "Deny");
+    assert_eq!(
+        deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"],
+        json!({"!GetAtt": "AgentRole.Arn"})
+    );
+
     // The agent never looks a queue URL up: they are configuration.
     for (who, doc) in [
         ("agent", &agent),

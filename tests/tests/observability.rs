@@ -323,14 +323,30 @@ async fn a_resumed_job_is_one_trace_with_metrics_and_signed_notifications() {
     let rec = store.require(&job).await.unwrap();
     assert_eq!(rec.status, JobState::Succeeded, "{rec:?}");
 
-    // ---- Metrics: the agent's stdout is EMF and nothing else.
+    // ---- Metrics: the agent's stdout is EMF lines, then `poll`'s final statistics line.
     for (name, out) in [("segment 1", &seg1), ("segment 2", &seg2)] {
         let text = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let others: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .is_none_or(|v| v.get("_aws").is_none())
+            })
+            .collect();
         assert_eq!(
-            emf(&out.stdout).len(),
-            lines.len(),
-            "{name}: every stdout line is an EMF document: {text}"
+            others.len(),
+            1,
+            "{name}: EMF lines and the statistics: {text}"
+        );
+        assert!(
+            others[0].starts_with("received 1 deleted 1"),
+            "{name}: {text}"
+        );
+        assert!(
+            text.trim_end().ends_with(others[0]),
+            "{name}: statistics last: {text}"
         );
     }
     let docs1 = emf(&seg1.stdout);
@@ -730,9 +746,9 @@ async fn lambda_writes_emf_on_stdout_and_notifies_before_it_answers() {
     );
 }
 
-/// `run` prints its batch response on stdout: its metrics go to stderr by default, or to
-/// stdout before the response with AGENTQ_METRICS=stdout (the response is the one line
-/// without `_aws`); AGENTQ_METRICS=off writes none. A receiver that is down never holds
+/// `run` prints its result on stdout: its metrics go to stderr by default, or to stdout
+/// before the result with AGENTQ_METRICS=stdout (the result is the one line without
+/// `_aws`); AGENTQ_METRICS=off writes none. A receiver that is down never holds
 /// the job up: the notification is dropped, counted and logged.
 #[tokio::test]
 async fn run_keeps_its_response_parseable_and_a_dead_webhook_does_not_block() {
@@ -751,32 +767,43 @@ async fn run_keeps_its_response_parseable_and_a_dead_webhook_does_not_block() {
 
     // Default: response alone on stdout, metrics on stderr.
     let id = unique("run-a");
-    let out = agent(&r, work.path(), &["run", "--job", &spec(&id)])
-        .output()
-        .unwrap();
+    let out = agent(
+        &r,
+        work.path(),
+        &["run", "--output", "json", "--job", &spec(&id)],
+    )
+    .output()
+    .unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let resp: Value = serde_json::from_slice(&out.stdout).expect("stdout is the response");
-    assert_eq!(resp["batchItemFailures"], serde_json::json!([]));
+    let resp: Value = serde_json::from_slice(&out.stdout).expect("stdout is the result");
+    assert_eq!(resp["status"], "SUCCEEDED");
     let docs = emf(&out.stderr);
     assert_eq!(by_event(&docs, "job_finished").len(), 1, "{docs:?}");
     assert_eq!(by_event(&docs, "job_finished")[0]["State"], "SUCCEEDED");
 
     // AGENTQ_METRICS=stdout: EMF lines, then the response.
     let id = unique("run-b");
-    let out = agent(&r, work.path(), &["run", "--job", &spec(&id)])
-        .env("AGENTQ_METRICS", "stdout")
-        .output()
-        .unwrap();
+    let out = agent(
+        &r,
+        work.path(),
+        &["run", "--output", "json", "--job", &spec(&id)],
+    )
+    .env("AGENTQ_METRICS", "stdout")
+    .output()
+    .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(emf(&out.stdout).len(), lines.len() - 1, "{text}");
     let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
-    assert!(last.get("_aws").is_none() && last.get("batchItemFailures").is_some());
+    assert!(
+        last.get("_aws").is_none() && last["status"] == "SUCCEEDED",
+        "{last}"
+    );
 
     // AGENTQ_METRICS=off, and a webhook receiver that refuses connections.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -31,8 +31,7 @@ use crate::isolation::{self, JobProcesses, RunningJob};
 use crate::logs::{BacklogProbe, StreamSink, StreamStats, Target, spawn_uploader};
 use crate::redact::Redactor;
 
-/// Longest stdout line read as a structured event.
-const MAX_EVENT_LINE: usize = 1024 * 1024;
+use crate::events::{EventStream, MAX_EVENT_LINE};
 
 /// Rate-limit refusals in a row after which the child is stopped and the job paused
 /// (Claude Code alone retries ten times with growing waits, minutes of billed time).
@@ -316,7 +315,8 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
     let mut buf = vec![0u8; 64 * 1024];
     let mut line: Vec<u8> = Vec::new();
     let mut overlong = false;
-    let handle_line = |line: &[u8], events_out: &mut Vec<u8>| {
+    let mut parser = EventStream::default();
+    let mut handle_line = |line: &[u8], events_out: &mut Vec<u8>| {
         let signal = detect_signal(line, now_ms());
         if matches!(signal, Some(CliSignal::RateLimited { .. })) {
             live.rate_limited.fetch_add(1, Ordering::Relaxed);
@@ -331,7 +331,7 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
         }
         if is_stdout
             && let Ok(mut p) = live.progress.lock()
-            && crate::events::observe_line(&mut p, line)
+            && parser.observe(&mut p, line)
         {
             events_out.extend_from_slice(line);
             if !line.ends_with(b"\n") {

@@ -31,8 +31,8 @@ pub fn deps(r: &Resources, work_root: &std::path::Path, extra: &[&str]) -> Arc<D
     let defaults: [(&str, &str); 9] = [
         ("--heartbeat-seconds", "0.5"),
         ("--stale-after-seconds", "3"),
-        ("--reserve-seconds", "4"),
-        ("--grace-seconds", "1"),
+        ("--deadline-reserve-seconds", "4"),
+        ("--kill-grace-seconds", "1"),
         ("--log-flush-seconds", "1"),
         ("--claude-bin", &fake),
         ("--codex-bin", &fake),

@@ -43,13 +43,9 @@ use serde::Serialize;
 use crate::error::DeployError;
 use builder::{BuilderChoice, Engine};
 
-/// How `deploy` prints its report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum OutputFormat {
-    #[default]
-    Human,
-    Json,
-}
+/// How `deploy` prints its report: the global `--output text|json` of every agentq
+/// binary (`human` is still accepted for `text`).
+pub use agentq_core::OutputFormat;
 
 /// Which of the configured functions to deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -107,11 +103,15 @@ pub struct DeployArgs {
     /// Container engine for the build.
     #[arg(long, value_enum, default_value_t = BuilderChoice::Auto)]
     pub builder: BuilderChoice,
-    /// Messages per agent invocation (1..=10000; above 10 needs --batching-window).
+    /// Messages per agent invocation (1..=10000; above 10 needs --batching-window-seconds).
     #[arg(long, default_value_t = 1)]
     pub batch_size: i32,
     /// Seconds the agent's mapping may wait to fill a batch (0..=300).
-    #[arg(long, default_value_t = 0)]
+    #[arg(
+        long = "batching-window-seconds",
+        alias = "batching-window",
+        default_value_t = 0
+    )]
     pub batching_window: i32,
     /// Most concurrent agent invocations the mapping starts (2..=1000).
     #[arg(long)]
@@ -125,8 +125,12 @@ pub struct DeployArgs {
     /// Execution role of a function created by --create-function.
     #[arg(long)]
     pub role_arn: Option<String>,
-    /// Timeout (s) of a function created by --create-function (1..=900).
-    #[arg(long, default_value_t = 900)]
+    /// Timeout in seconds of a function created by --create-function (1..=900).
+    #[arg(
+        long = "function-timeout-seconds",
+        alias = "timeout",
+        default_value_t = 900
+    )]
     pub timeout: i32,
     /// Memory (MB) of a function created by --create-function (128..=10240).
     #[arg(long, default_value_t = 2048)]
@@ -137,9 +141,6 @@ pub struct DeployArgs {
     /// Print the plan and change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Report format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
-    pub output: OutputFormat,
 }
 
 /// The dispatcher's mapping on the DLQ, as the template creates it: re-plans are cheap,
@@ -352,13 +353,13 @@ fn check_args(a: &DeployArgs) -> Result<(), DeployError> {
     }
     if !(0..=300).contains(&a.batching_window) {
         return bad(format!(
-            "--batching-window {} is outside 0..=300",
+            "--batching-window-seconds {} is outside 0..=300",
             a.batching_window
         ));
     }
     if a.batch_size > 10 && a.batching_window < 1 {
         return bad(format!(
-            "--batch-size {} needs --batching-window of at least 1 (AWS)",
+            "--batch-size {} needs --batching-window-seconds of at least 1 (AWS)",
             a.batch_size
         ));
     }
@@ -368,7 +369,10 @@ fn check_args(a: &DeployArgs) -> Result<(), DeployError> {
         return bad(format!("--max-concurrency {c} is outside 2..=1000 (AWS)"));
     }
     if !(1..=900).contains(&a.timeout) {
-        return bad(format!("--timeout {} is outside 1..=900 (AWS)", a.timeout));
+        return bad(format!(
+            "--function-timeout-seconds {} is outside 1..=900 (AWS)",
+            a.timeout
+        ));
     }
     if !(128..=10_240).contains(&a.memory) {
         return bad(format!(

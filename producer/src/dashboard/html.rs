@@ -467,7 +467,7 @@ pub fn job_summary(rec: &JobRecord, chart_svg: &str, token: &str, now: EpochMill
             s,
             r#"<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class="note">{}</td><td>{}</td><td>{}</td></tr>"#,
             time(d.at),
-            esc(&d.action),
+            esc(d.action.as_str()),
             esc(&d.by),
             d.attempt,
             esc(d.cause.as_deref().unwrap_or("–")),
@@ -549,7 +549,14 @@ pub fn failures_fragment(
             let last = r
                 .history
                 .last()
-                .map(|d| format!("{} by {}: {}", esc(&d.action), esc(&d.by), esc(&d.reason)))
+                .map(|d| {
+                    format!(
+                        "{} by {}: {}",
+                        esc(d.action.as_str()),
+                        esc(&d.by),
+                        esc(&d.reason)
+                    )
+                })
                 .unwrap_or_else(|| "–".into());
             let _ = write!(
                 t,
@@ -609,7 +616,7 @@ mod tests {
         rec.progress.session_id = Some(HOSTILE.into());
         rec.spec = Some(format!(r#"{{"agent":{}}}"#, serde_json::json!(HOSTILE)));
         rec.history.push(agentq_core::Decision {
-            action: HOSTILE.into(),
+            action: agentq_core::Action::Retry,
             by: HOSTILE.into(),
             reason: HOSTILE.into(),
             cause: Some(HOSTILE.into()),
