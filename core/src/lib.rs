@@ -13,6 +13,7 @@ pub mod exit;
 pub mod failure;
 pub mod http;
 pub mod ids;
+pub mod invocation;
 pub mod layout;
 pub mod mapping;
 pub mod metrics;

@@ -126,10 +126,10 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9-]{1,32}$"))]
     pub tier: Option<String>,
-    /// Ask for the function's own AWS credentials in the child's environment. Refused
-    /// (as `secret_denied`) unless the operator allows it on the agent
-    /// (`AGENTQ_ALLOW_JOB_AWS_CREDENTIALS=true`). Default false: the child gets no AWS
-    /// credentials at all.
+    /// Ask for short-lived AWS credentials in the child's environment: the agent's job
+    /// role (`AGENTQ_JOB_ROLE_ARN`), narrowed to the job's own data prefix in the bucket.
+    /// Refused (as `secret_denied`) where the agent has no job role. Default false: the
+    /// child gets no AWS credentials at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws_credentials: Option<bool>,
     /// Extension fields: any key starting with `x-`, kept and passed through untouched.

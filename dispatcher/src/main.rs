@@ -199,12 +199,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = &r;
             lambda_runtime::run(lambda_runtime::service_fn(
                 move |ev: lambda_runtime::LambdaEvent<serde_json::Value>| async move {
-                    let left = ev
-                        .context
-                        .deadline()
-                        .duration_since(std::time::SystemTime::now())
-                        .unwrap_or_default();
-                    let deadline = tokio::time::Instant::now() + left;
+                    // An epoch time on AWS; a duration under `cargo lambda watch`.
+                    let left = agentq_core::invocation::budget(
+                        ev.context.deadline,
+                        std::time::SystemTime::now(),
+                        agentq_core::invocation::function_timeout(),
+                    );
+                    if let Some(why) = left.reason() {
+                        tracing::warn!(deadline_ms = ev.context.deadline, "{why}");
+                    }
+                    let deadline = tokio::time::Instant::now() + left.duration();
                     agentq_dispatcher::lambda::handle(r, ev.payload, deadline)
                         .await
                         .map_err(lambda_runtime::Error::from)

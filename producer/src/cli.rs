@@ -108,7 +108,7 @@ pub enum Command {
 pub struct DashboardArgs {
     /// Address to listen on. The dashboard has no login: keep it on loopback (use an SSH
     /// tunnel to reach it from elsewhere). Port 0 picks a free port.
-    #[arg(long, value_name = "ADDR", default_value = crate::dashboard::DEFAULT_LISTEN, env = "AGENTQ_DASHBOARD_LISTEN")]
+    #[arg(long, value_name = "ADDR", default_value = crate::dashboard::DEFAULT_LISTEN)]
     pub listen: std::net::SocketAddr,
     /// How often pages and live log streams poll AWS, e.g. 2s or 500ms (200ms to 60s).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]

@@ -261,7 +261,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match run(&cli, settings).await {
+    match Box::pin(run(&cli, settings)).await {
         Ok(summary) if summary.passed => std::process::ExitCode::SUCCESS,
         Ok(_) => std::process::ExitCode::from(1),
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
@@ -410,7 +410,13 @@ async fn run_on(
         .unwrap_or_else(|| endpoint.to_owned());
 
     let policy = out.join("policy.toml");
-    tokio::fs::write(&policy, POLICY).await?;
+    // The sweep on the run's scale: a RUNNING job whose lease went stale and whose
+    // message would have been back within the horizon is stranded after a few seconds.
+    let sweep = format!(
+        "\n[sweep]\nvisibility_horizon = \"{}s\"\nmargin = \"3s\"\nqueued_after = \"30s\"\n",
+        s.visibility_horizon_seconds
+    );
+    tokio::fs::write(&policy, format!("{POLICY}{sweep}")).await?;
     let mut base_env = r.env();
     base_env.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
     base_env.push(("AWS_ENDPOINT_URL".into(), aws_endpoint));
@@ -457,10 +463,16 @@ async fn run_on(
             },
         );
     }
+    // The dispatcher and its sweep judge leases with the agents' stale limit.
+    let mut sweeper_env = base_env.clone();
+    sweeper_env.push((
+        "AGENTQ_STALE_AFTER_SECONDS".into(),
+        s.stale_after_seconds.to_string(),
+    ));
     launches.insert(
         Role::Dispatcher,
         Launch {
-            program: dispatcher,
+            program: dispatcher.clone(),
             args: [
                 "replan",
                 "--wait-seconds",
@@ -470,7 +482,24 @@ async fn run_on(
             ]
             .map(str::to_owned)
             .to_vec(),
-            env: base_env.clone(),
+            env: sweeper_env.clone(),
+        },
+    );
+    // The dispatcher's sweep, as its schedule runs it on Lambda (every 5 minutes there).
+    launches.insert(
+        Role::Sweeper,
+        Launch {
+            program: dispatcher.clone(),
+            args: [
+                "sweep",
+                "--every",
+                "3s",
+                "--policy",
+                &policy.display().to_string(),
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            env: sweeper_env,
         },
     );
     let mut fleet = Fleet::new(launches, out.join("logs"));

@@ -22,6 +22,8 @@ use tokio::time::Instant;
 pub enum Role {
     Poller(usize),
     Dispatcher,
+    /// `agentq-dispatcher sweep --every`: re-plans the jobs whose message is gone.
+    Sweeper,
 }
 
 impl std::fmt::Display for Role {
@@ -29,6 +31,7 @@ impl std::fmt::Display for Role {
         match self {
             Self::Poller(i) => write!(f, "poller-{i}"),
             Self::Dispatcher => f.write_str("dispatcher"),
+            Self::Sweeper => f.write_str("sweeper"),
         }
     }
 }
