@@ -21,9 +21,9 @@ async fn a_segment_ending_with_a_300_mb_workspace_is_recorded_before_its_deadlin
         &r,
         root.path(),
         &[
-            "--reserve-seconds",
+            "--deadline-reserve-seconds",
             "6",
-            "--grace-seconds",
+            "--kill-grace-seconds",
             "2",
             "--heartbeat-seconds",
             "0.5",

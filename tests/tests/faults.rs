@@ -67,7 +67,7 @@ async fn ten_percent_aws_faults_every_job_succeeds() {
     let mut procs = Vec::new();
     for _ in 0..2 {
         let mut c = Command::new(binary("agentq-agent"));
-        c.args(["poll", "--wait-seconds", "1", "--concurrency", "2"]);
+        c.args(["poll", "--wait-seconds", "1", "--max-concurrency", "2"]);
         env(&mut c);
         c.env("AGENTQ_WORK_ROOT", work.path())
             .env("AGENTQ_HEARTBEAT_SECONDS", "0.5")

@@ -428,7 +428,7 @@ async fn agent_poll(st: &Stack, work: &Path, extra: &[(&str, &str)]) -> Ran {
             "--once",
             "--batch-size",
             "10",
-            "--concurrency",
+            "--max-concurrency",
             "2",
             "--wait-seconds",
             "1",

@@ -450,7 +450,7 @@ async fn run_on(
                 program: agent.clone(),
                 args: [
                     "poll",
-                    "--concurrency",
+                    "--max-concurrency",
                     &s.concurrency.to_string(),
                     "--wait-seconds",
                     "2",
