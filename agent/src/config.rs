@@ -176,6 +176,30 @@ pub struct AgentArgs {
         global = true
     )]
     pub log_flush_seconds: f64,
+    /// The capacity tier this agent serves (the `Tier` dimension of its metrics).
+    #[arg(long, env = "AGENTQ_TIER", default_value = "default", global = true)]
+    pub tier: String,
+    /// When traces are on (OTEL_*): let Claude Code export its own telemetry into the
+    /// job's trace. `with-headers` also gives the child the exporter's headers (often a
+    /// token; the child is untrusted code).
+    #[arg(
+        long,
+        env = "AGENTQ_CHILD_TELEMETRY",
+        value_enum,
+        default_value_t = ChildTelemetry::On,
+        global = true
+    )]
+    pub child_telemetry: ChildTelemetry,
+}
+
+/// Whether a job's child gets the variables that join its own telemetry to the trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChildTelemetry {
+    /// Endpoint, protocol, resource attributes and TRACEPARENT; no headers.
+    On,
+    /// As `on`, plus OTEL_EXPORTER_OTLP_HEADERS (their values are redacted from the logs).
+    WithHeaders,
+    Off,
 }
 
 /// Validated agent settings.
@@ -205,6 +229,9 @@ pub struct AgentConfig {
     /// Bytes per second assumed for final uploads.
     pub upload_bytes_per_second: f64,
     pub flush: FlushPolicy,
+    /// The `Tier` dimension of the metrics.
+    pub tier: String,
+    pub child_telemetry: ChildTelemetry,
 }
 
 /// When to empty the scratch directory before a job.
@@ -233,6 +260,22 @@ impl WipeScratch {
 pub struct AgentConfigError {
     pub setting: &'static str,
     pub why: String,
+}
+
+fn tier(t: &str) -> Result<String, AgentConfigError> {
+    let t = t.trim();
+    if t.is_empty()
+        || t.len() > 64
+        || !t
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(AgentConfigError {
+            setting: "AGENTQ_TIER",
+            why: format!("{t:?}: use 1-64 letters, digits, '-' or '_' (e.g. default, large)"),
+        });
+    }
+    Ok(t.to_owned())
 }
 
 fn secs(setting: &'static str, v: f64, min: f64, max: f64) -> Result<Duration, AgentConfigError> {
@@ -365,6 +408,8 @@ impl AgentConfig {
                 flush_interval: secs("AGENTQ_LOG_FLUSH_SECONDS", a.log_flush_seconds, 0.1, 300.0)?,
                 max_backlog_bytes: a.log_backlog_bytes.max(a.log_flush_bytes as u64),
             },
+            tier: tier(&a.tier)?,
+            child_telemetry: a.child_telemetry,
         })
     }
 }

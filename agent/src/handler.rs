@@ -16,6 +16,7 @@ use agentq_core::payload::{MAX_PAYLOAD_BYTES, resolve_body_within};
 use agentq_core::record::now_ms;
 use agentq_core::spec::{JobSpec, ValidSpec, ValidationContext};
 use agentq_core::store::{ClaimOutcome, ClaimRequest};
+use agentq_core::telemetry::{SpanKind, TraceContext};
 use agentq_core::{Attempt, FailureCause, JobId, JobRecord, JobState};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sqs::types::MessageAttributeValue;
@@ -25,6 +26,7 @@ use tracing::Instrument;
 
 use crate::Deps;
 use crate::job::{self, RunInput, VisibilityLease};
+use crate::observe::{self, AttemptObs};
 
 /// Largest spec kept whole in the job record.
 const RECORD_SPEC_MAX: usize = 300 * 1024;
@@ -48,7 +50,9 @@ pub enum Disposition {
     /// Leave it: it comes back after its visibility timeout.
     Retry,
 }
-/// Handles a batch; the failed message ids go into `batchItemFailures`.
+/// Handles a batch; the failed message ids go into `batchItemFailures`. Before it
+/// returns, the batch's spans are exported and its notifications delivered (bounded by
+/// the invocation's deadline): a Lambda environment freezes after the response.
 pub async fn handle_batch(
     deps: &Arc<Deps>,
     event: SqsEvent,
@@ -57,10 +61,17 @@ pub async fn handle_batch(
 ) -> SqsBatchResponse {
     let results = futures::future::join_all(event.records.into_iter().map(|m| {
         let id = m.message_id.clone().unwrap_or_default();
-        let span = tracing::info_span!("message", message_id = %id, job_id = tracing::field::Empty);
+        let span = tracing::info_span!("message", message_id = %id, job_id = tracing::field::Empty, trace_id = tracing::field::Empty);
         async move { (id, Box::pin(process(deps, m, inv, shutdown)).await) }.instrument(span)
     }))
     .await;
+    deps.obs
+        .flush(
+            inv.deadline
+                .checked_sub(Duration::from_millis(300))
+                .unwrap_or_else(Instant::now),
+        )
+        .await;
     let mut resp = SqsBatchResponse::default();
     for (id, d) in results {
         if d == Disposition::Retry {
@@ -113,6 +124,16 @@ async fn process(
 ) -> Disposition {
     let message_id = m.message_id.clone().unwrap_or_default();
     let raw = m.body.clone().unwrap_or_default();
+    let mut job_span =
+        deps.obs
+            .telemetry
+            .span("agentq.job", SpanKind::Consumer, observe::parent_of(&m));
+    job_span
+        .set("messaging.system", "aws_sqs")
+        .set("messaging.message.id", message_id.as_str());
+    if let Some(t) = job_span.trace_id() {
+        tracing::Span::current().record("trace_id", t.as_str());
+    }
 
     if let Some(nb) = not_before(&m)
         && nb > now_ms() + 1000
@@ -132,14 +153,29 @@ async fn process(
             tracing::warn!(error = %e, "large payload not readable yet; will retry");
             return Disposition::Retry;
         }
-        Err(e) => return reject(deps, &message_id, &raw, None, e.to_string()).await,
+        Err(e) => {
+            return reject(
+                deps,
+                &message_id,
+                &raw,
+                None,
+                e.to_string(),
+                job_span.context(),
+            )
+            .await;
+        }
     };
 
     let spec = match JobSpec::parse_valid(body.as_bytes(), &lenient()) {
         Ok(s) => s,
-        Err(e) => return reject(deps, &message_id, &body, job_id_of(&body), e.to_string()).await,
+        Err(e) => {
+            let job = job_id_of(&body);
+            let trace = job_span.context();
+            return reject(deps, &message_id, &body, job, e.to_string(), trace).await;
+        }
     };
     tracing::Span::current().record("job_id", tracing::field::display(&spec.job_id));
+    job_span.set("agentq.job_id", spec.job_id.as_str());
 
     // Bound the children of this process; the claim waits for a slot.
     let Ok(_permit) = deps.jobs.acquire().await else {
@@ -161,6 +197,7 @@ async fn process(
     {
         spec_json = raw.clone();
     }
+    let claim_span = job_span.child("agentq.claim", SpanKind::Internal);
     let claim = deps
         .store
         .claim(&ClaimRequest {
@@ -174,6 +211,7 @@ async fn process(
             layout: deps.settings.layout(),
         })
         .await;
+    claim_span.end();
     let visibility = match &m.event_source_arn {
         Some(arn) => deps.queue_url_for(arn).await.and_then(|queue_url| {
             m.receipt_handle
@@ -185,7 +223,7 @@ async fn process(
         }),
         None => None,
     };
-    let (attempt, record) = match claim {
+    let (attempt, record, attempt_obs) = match claim {
         Ok(ClaimOutcome::Claimed {
             attempt,
             record,
@@ -194,7 +232,15 @@ async fn process(
             if let Some(prev) = takeover {
                 tracing::warn!(%attempt, previous = %prev, "took over a stale lease");
             }
-            (attempt, record)
+            let obs = AttemptObs::claimed(
+                deps,
+                job_span,
+                &spec,
+                &record,
+                attempt,
+                observe::queue_wait(&m),
+            );
+            (attempt, record, obs)
         }
         Ok(ClaimOutcome::LeaseLive { attempt, owner, .. }) => {
             tracing::info!(%attempt, ?owner, "job is running elsewhere; leaving the message for later");
@@ -206,7 +252,8 @@ async fn process(
         Ok(ClaimOutcome::Finished { status }) => {
             tracing::info!(%status, "job already finished; acknowledging without running");
             if matches!(status, JobState::Failed | JobState::TimedOut) {
-                return report_unreported(deps, &spec.job_id, &message_id).await;
+                let trace = job_span.context();
+                return report_unreported(deps, &spec.job_id, &message_id, trace).await;
             }
             return Disposition::Ack;
         }
@@ -229,6 +276,7 @@ async fn process(
         visibility: visibility.clone(),
         shutdown: shutdown.clone(),
         message_id: message_id.clone(),
+        obs: &attempt_obs,
     };
     // The recorded spec wins: a message that reuses the id of a recorded job only
     // triggers the run of the job's own spec.
@@ -285,7 +333,12 @@ async fn set_visibility(deps: &Deps, v: &VisibilityLease, seconds: i32) {
 
 /// A redelivered message of a FAILED/TIMED_OUT job: if the run that failed died before
 /// its failure record reached the DLQ, send it now so the dispatcher can re-plan.
-async fn report_unreported(deps: &Deps, job: &JobId, message_id: &str) -> Disposition {
+async fn report_unreported(
+    deps: &Deps,
+    job: &JobId,
+    message_id: &str,
+    trace: Option<TraceContext>,
+) -> Disposition {
     let rec = match deps.store.get(job).await {
         Ok(Some(r)) => r,
         Ok(None) => return Disposition::Ack,
@@ -317,7 +370,7 @@ async fn report_unreported(deps: &Deps, job: &JobId, message_id: &str) -> Dispos
         rec.result_key.clone(),
         Some(message_id.to_owned()),
     );
-    if !job::send_failure(deps, &failure).await {
+    if !job::send_failure(deps, &failure, trace).await {
         return Disposition::Retry;
     }
     if let Err(e) = deps.store.mark_failure_reported(job, rec.attempt).await {
@@ -336,12 +389,16 @@ async fn reject(
     body: &str,
     job: Option<JobId>,
     reason: String,
+    trace: Option<TraceContext>,
 ) -> Disposition {
     tracing::warn!(%reason, "malformed message; recording it and sending it to the DLQ");
     let mut recorded = None;
     if let Some(j) = &job {
         match deps.store.record_invalid(j, body, &reason, now_ms()).await {
-            Ok(true) => recorded = Some(j.clone()),
+            Ok(true) => {
+                observe::rejected(deps, j.as_str(), &reason, trace);
+                recorded = Some(j.clone());
+            }
             Ok(false) => {
                 tracing::warn!(job = %j, "a malformed message reuses the id of an existing job; the job is left alone")
             }
@@ -354,7 +411,7 @@ async fn reject(
         }
     }
     let rec = FailureRecord::invalid(recorded, reason, body, Some(message_id.to_owned()));
-    if job::send_failure(deps, &rec).await {
+    if job::send_failure(deps, &rec, trace).await {
         Disposition::Ack
     } else {
         Disposition::Retry

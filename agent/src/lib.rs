@@ -14,6 +14,7 @@ pub mod isolation;
 pub mod job;
 pub mod lambda;
 pub mod logs;
+pub mod observe;
 pub mod poll;
 pub mod redact;
 pub mod secrets;
@@ -24,7 +25,7 @@ pub mod workspace;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use agentq_core::{AwsClients, JobStore, Settings};
+use agentq_core::{AwsClients, JobStore, Observability, Service, Settings};
 use tokio::sync::Semaphore;
 
 pub use config::{AgentArgs, AgentConfig};
@@ -34,6 +35,8 @@ pub use handler::{Invocation, handle_batch};
 #[derive(Debug)]
 pub struct Deps {
     pub clients: AwsClients,
+    /// Metrics, traces and notifications (off unless [`Deps::with_observability`]).
+    pub obs: Observability,
     pub store: JobStore,
     pub settings: Settings,
     pub config: AgentConfig,
@@ -61,11 +64,18 @@ impl Deps {
                 .child_identity
                 .map(|(uid, gid)| isolation::IdentityPool::new(uid, gid)),
             clients,
+            obs: Observability::disabled(Service::Agent),
             store,
             settings,
             config,
             queue_urls: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Replaces the (default: disabled) metrics, tracer and notifier.
+    pub fn with_observability(mut self, obs: Observability) -> Self {
+        self.obs = obs;
+        self
     }
 
     /// Remembers a queue's URL for its ARN (the poller knows both).

@@ -7,9 +7,13 @@ use std::time::Duration;
 use agentq_agent::poll::{self, PollOptions};
 use agentq_agent::serve::{self, ServeArgs, ServeOptions};
 use agentq_agent::{AgentArgs, AgentConfig, Deps, Invocation, handle_batch};
+use agentq_core::metrics::MetricsTarget;
 use agentq_core::payload::PayloadPointer;
 use agentq_core::spec::{JobSpec, ValidationContext};
-use agentq_core::{AwsClients, ExitStatus, JobState, OutputFormat, Settings, SettingsArgs};
+use agentq_core::{
+    AwsClients, ExitStatus, JobState, Observability, ObservabilityArgs, OutputFormat, Service,
+    Settings, SettingsArgs,
+};
 use anyhow::Context;
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use clap::{Parser, Subcommand};
@@ -29,6 +33,8 @@ struct Cli {
     settings: SettingsArgs,
     #[command(flatten)]
     agent: AgentArgs,
+    #[command(flatten)]
+    observability: ObservabilityArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,12 +180,26 @@ async fn real_main() -> anyhow::Result<ExitStatus> {
     let settings = Settings::from_args(&cli.settings)?;
     let config = AgentConfig::from_args(&cli.agent)?;
     let sdk = agentq_core::load_sdk_config().await?;
-    let deps = Arc::new(Deps::new(AwsClients::new(&sdk), settings, config)?);
     let command = match cli.command {
         Some(c) => c,
         None if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => Command::Lambda,
         None => anyhow::bail!("no command: use `lambda`, `poll`, `serve` or `run` (see --help)"),
     };
+    // EMF lines go where the front end's output is a log stream; `run` prints its
+    // response on stdout, so its metrics go to stderr unless AGENTQ_METRICS says.
+    let metrics_default = match command {
+        Command::Run { .. } => MetricsTarget::Stderr,
+        _ => MetricsTarget::Stdout,
+    };
+    let obs = Observability::build(
+        &cli.observability,
+        Service::Agent,
+        &config.tier,
+        metrics_default,
+        &sdk,
+    )?;
+    let deps =
+        Arc::new(Deps::new(AwsClients::new(&sdk), settings, config)?.with_observability(obs));
     match command {
         Command::Lambda => {
             agentq_agent::lambda::run(deps)

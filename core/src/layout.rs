@@ -283,4 +283,10 @@ pub mod msg_attr {
     pub const PLAN: &str = "agentq-plan";
     /// String: `failure` on explicit failure records sent to the DLQ.
     pub const RECORD_TYPE: &str = "agentq-record-type";
+    /// String: the W3C trace context (`00-{trace id}-{span id}-{flags}`) of the job's
+    /// trace. Every hop (producer, agent, dispatcher) sends the context of its own span,
+    /// so the next one continues the same trace. The name is the W3C header's, the one
+    /// OpenTelemetry's SQS instrumentations write: an instrumented upstream system's
+    /// trace continues into the job.
+    pub const TRACEPARENT: &str = "traceparent";
 }

@@ -62,7 +62,9 @@ pub async fn handle(
             Ok(serde_json::to_value(resp).unwrap_or(Value::Null))
         }
         Trigger::Sweep => {
-            let report = replanner.sweep(Some(deadline)).await?;
+            let report = replanner.sweep(Some(deadline)).await;
+            replanner.flush_observability(deadline).await;
+            let report = report?;
             Ok(serde_json::to_value(report).unwrap_or(Value::Null))
         }
     }

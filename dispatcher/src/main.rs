@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentq_core::{ExitStatus, JobStore, OutputFormat, Settings, SettingsArgs};
+use agentq_core::metrics::MetricsTarget;
+use agentq_core::{
+    ExitStatus, JobStore, Observability, ObservabilityArgs, OutputFormat, Service, Settings,
+    SettingsArgs,
+};
 use agentq_dispatcher::deploy::{self, DeployArgs, DeployClients};
 use agentq_dispatcher::poller::{self, PollError, PollOptions};
 use agentq_dispatcher::{DeployError, Policy, PolicyError, RawPolicy, ReplanError, Replanner};
@@ -24,6 +28,8 @@ struct Cli {
     output: OutputFormat,
     #[command(flatten)]
     settings: SettingsArgs,
+    #[command(flatten)]
+    observability: ObservabilityArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -113,6 +119,7 @@ async fn replanner(
     settings: &Settings,
     args: &PolicyArgs,
     sdk: &aws_config::SdkConfig,
+    obs: Observability,
 ) -> anyhow::Result<Replanner> {
     let mut raw = match &args.policy {
         Some(p) => RawPolicy::from_file(p)?,
@@ -149,7 +156,8 @@ async fn replanner(
         clients.s3,
         policy,
         settings.validation(),
-    ))
+    )
+    .with_observability(obs))
 }
 
 /// A token cancelled at SIGINT or SIGTERM.
@@ -180,7 +188,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let sdk = agentq_core::load_sdk_config().await?;
     match cli.command {
         Command::Lambda { policy } => {
-            let r = replanner(&settings, &policy, &sdk).await?;
+            let obs = Observability::build(
+                &cli.observability,
+                Service::Dispatcher,
+                "default",
+                MetricsTarget::Stdout,
+                &sdk,
+            )?;
+            let r = replanner(&settings, &policy, &sdk, obs).await?;
             let r = &r;
             lambda_runtime::run(lambda_runtime::service_fn(
                 move |ev: lambda_runtime::LambdaEvent<serde_json::Value>| async move {
@@ -203,10 +218,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
         }
         Command::Sweep { policy, every } => {
-            let r = replanner(&settings, &policy, &sdk).await?;
+            // stdout carries the reports: metrics go to stderr unless told otherwise.
+            let obs = Observability::build(
+                &cli.observability,
+                Service::Dispatcher,
+                "default",
+                MetricsTarget::Stderr,
+                &sdk,
+            )?;
+            let r = replanner(&settings, &policy, &sdk, obs).await?;
             let shutdown = shutdown_on_signals();
             loop {
-                let report = r.sweep(None).await?;
+                let report = r.sweep(None).await;
+                r.flush_observability(
+                    tokio::time::Instant::now() + std::time::Duration::from_secs(5),
+                )
+                .await;
+                let report = report?;
                 println!("{}", serde_json::to_string(&report)?);
                 let Some(every) = every else { break };
                 tokio::select! {
@@ -221,7 +249,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             once,
             wait_seconds,
         } => {
-            let r = replanner(&settings, &policy, &sdk).await?;
+            // stdout carries the final stats: metrics go to stderr unless told otherwise.
+            let obs = Observability::build(
+                &cli.observability,
+                Service::Dispatcher,
+                "default",
+                MetricsTarget::Stderr,
+                &sdk,
+            )?;
+            let r = replanner(&settings, &policy, &sdk, obs).await?;
             let opts = PollOptions::new(
                 settings.dlq_url()?,
                 wait_seconds.unwrap_or(if once { 1 } else { 20 }),

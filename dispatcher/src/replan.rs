@@ -22,6 +22,10 @@
 //!
 //! Messages of one batch that concern the same job are handled in order; different jobs
 //! concurrently (a batch is at most 10 messages).
+//!
+//! Observability: each message is a span continuing the trace its `traceparent` attribute
+//! carries; a re-enqueued message carries the context of that span on; every plan counts
+//! as a `Replans` metric and notifies the job's new state. A batch ends by flushing them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,11 +33,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use agentq_core::failure::DlqMessage;
 use agentq_core::layout::msg_attr;
+use agentq_core::notify::{Actor, JobEvent};
 use agentq_core::payload::PayloadPointer;
 use agentq_core::record::{Decision, EpochMillis, now_ms};
 use agentq_core::spec::{JobSpec, ValidationContext};
 use agentq_core::store::Replan;
-use agentq_core::{Action, JobId, JobRecord, JobState, JobStore, StoreError};
+use agentq_core::telemetry::{SpanKind, TraceContext};
+use agentq_core::{
+    Action, JobId, JobRecord, JobState, JobStore, Observability, Service, StoreError,
+};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sqs::types::MessageAttributeValue;
 use serde::Serialize;
@@ -112,7 +120,16 @@ pub struct Replanner {
     policy: Arc<Policy>,
     validation: ValidationContext,
     stats: Arc<Stats>,
+    obs: Observability,
 }
+
+tokio::task_local! {
+    /// The trace context of the DLQ message being handled: what its re-enqueue carries on.
+    static TRACE: Option<TraceContext>;
+}
+
+/// How long a batch may take to export its spans and deliver its notifications.
+const FLUSH_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the body of a redriven message names.
 pub(crate) struct Redriven {
@@ -135,7 +152,14 @@ impl Replanner {
             policy: Arc::new(policy),
             validation,
             stats: Arc::new(Stats::default()),
+            obs: Observability::disabled(Service::Dispatcher),
         }
+    }
+
+    /// Replaces the (default: disabled) metrics, tracer and notifier.
+    pub fn with_observability(mut self, obs: Observability) -> Self {
+        self.obs = obs;
+        self
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -172,6 +196,9 @@ impl Replanner {
             failed
         }))
         .await;
+        self.obs
+            .flush(tokio::time::Instant::now() + FLUSH_BUDGET)
+            .await;
         let mut resp = SqsBatchResponse::default();
         for id in results.into_iter().flatten() {
             let mut f = BatchItemFailure::default();
@@ -181,8 +208,46 @@ impl Replanner {
         resp
     }
 
-    /// Handles one DLQ message.
+    /// Handles one DLQ message, in a span that continues the message's trace.
     pub async fn handle_message(&self, msg: &SqsMessage) -> Result<Outcome, ReplanError> {
+        let parent = msg
+            .message_attributes
+            .get(msg_attr::TRACEPARENT)
+            .and_then(|a| a.string_value.as_deref())
+            .and_then(TraceContext::parse);
+        let mut span = self
+            .obs
+            .telemetry
+            .span("agentq.replan", SpanKind::Consumer, parent);
+        span.set("messaging.system", "aws_sqs").set(
+            "messaging.message.id",
+            msg.message_id.as_deref().unwrap_or_default(),
+        );
+        let res = TRACE
+            .scope(span.context(), self.handle_message_in_trace(msg))
+            .await;
+        match &res {
+            Ok(Outcome::Planned {
+                job_id,
+                action,
+                state,
+                ..
+            }) => {
+                span.set("agentq.job_id", job_id.as_str())
+                    .set("agentq.action", action.to_string())
+                    .set("agentq.state", state.as_str());
+            }
+            Ok(other) => {
+                span.set("agentq.outcome", format!("{other:?}"));
+            }
+            Err(e) => {
+                span.set_error(e.to_string());
+            }
+        }
+        res
+    }
+
+    async fn handle_message_in_trace(&self, msg: &SqsMessage) -> Result<Outcome, ReplanError> {
         let body = msg.body.as_deref().unwrap_or_default();
         let outcome = match DlqMessage::parse(body) {
             DlqMessage::Failure(fr) => match fr.job_id.clone() {
@@ -314,6 +379,12 @@ impl Replanner {
                             self.store
                                 .record_invalid(job, &r.spec_json, &why, now)
                                 .await?;
+                            let mut ev =
+                                JobEvent::new(job.as_str(), JobState::Dead, Actor::Dispatcher);
+                            ev.action = Some(Action::Fail.to_string());
+                            ev.cause = Some("invalid_spec".into());
+                            ev.reason = Some(why);
+                            self.observe_plan(ev, rec.as_ref());
                             return Ok(Outcome::Planned {
                                 job_id: job.to_string(),
                                 action: Action::Fail,
@@ -370,6 +441,15 @@ impl Replanner {
                         self.mark_enqueued(job, p.to, p.expected_attempt, enq, "sent", now)
                             .await?;
                     }
+                    let mut ev = JobEvent::new(job.as_str(), p.to, Actor::Dispatcher);
+                    ev.previous_state = Some(p.expected_state);
+                    ev.attempt = p.expected_attempt.get();
+                    ev.segment = written.segment;
+                    ev.action = Some(p.decision.action.to_string());
+                    ev.cause = p.decision.cause.clone();
+                    ev.reason = Some(p.decision.reason.clone());
+                    ev.delay_seconds = p.decision.delay_seconds;
+                    self.observe_plan(ev, Some(&written));
                     return Ok(Outcome::Planned {
                         job_id: job.to_string(),
                         action: p.decision.action,
@@ -469,6 +549,9 @@ impl Replanner {
         if let Some(nb) = not_before {
             req = req.message_attributes(msg_attr::NOT_BEFORE, number_attr(nb));
         }
+        if let Ok(Some(trace)) = TRACE.try_with(|t| *t) {
+            req = req.message_attributes(msg_attr::TRACEPARENT, string_attr(&trace.traceparent()));
+        }
         req.send().await.map_err(|e| ReplanError::Sqs {
             job_id: job.to_string(),
             op: "SendMessage",
@@ -477,6 +560,36 @@ impl Replanner {
             message: agentq_core::aws::display(&e),
         })?;
         Ok(())
+    }
+
+    /// Exports the spans and delivers the notifications of what was handled so far, until
+    /// `until` at the latest (at most [`FLUSH_BUDGET`] from now). A batch does it itself;
+    /// callers of [`Replanner::sweep`] call it after each sweep.
+    pub async fn flush_observability(&self, until: tokio::time::Instant) {
+        let until = until.min(tokio::time::Instant::now() + FLUSH_BUDGET);
+        self.obs.flush(until).await;
+    }
+
+    /// A plan was written: its `Replans` metric and the job's state-change notification.
+    fn observe_plan(&self, mut ev: JobEvent, rec: Option<&agentq_core::JobRecord>) {
+        let trace = TRACE.try_with(|t| *t).ok().flatten();
+        ev.trace_id = trace.map(|t| t.trace_id_hex());
+        if let Some(r) = rec {
+            ev.tier = r.tier.clone();
+            ev.labels = r.labels.clone();
+        }
+        self.obs
+            .metrics
+            .replanned(&agentq_core::metrics::Replanned {
+                job_id: &ev.job_id,
+                attempt: ev.attempt,
+                action: ev.action.as_deref().unwrap_or_default(),
+                state: ev.state.unwrap_or(JobState::Dead),
+                cause: ev.cause.as_deref(),
+                delay_seconds: ev.delay_seconds,
+                trace_id: ev.trace_id.clone(),
+            });
+        self.obs.notifier.notify(ev);
     }
 
     /// Appends the `enqueued` marker. A conflict means the job was claimed (or moved on)

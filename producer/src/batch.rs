@@ -212,7 +212,10 @@ impl Producer {
         let results = self.send_batch(queue_url, &outs).await;
         for ((index, out, created), res) in ready.iter().zip(results) {
             let result = match res {
-                Ok(message_id) => Ok(out.submitted(queue_url, message_id)),
+                Ok(message_id) => {
+                    self.queued(out, message_id.as_deref());
+                    Ok(out.submitted(queue_url, message_id))
+                }
                 Err(f) => {
                     let record = self.unrecord(store, out, *created).await;
                     Err(ProducerError::Send {

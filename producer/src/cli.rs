@@ -341,6 +341,21 @@ impl Outcome {
     }
 }
 
+/// Longest the CLI waits at exit to export its spans and deliver its notifications.
+const OBSERVABILITY_FLUSH: Duration = Duration::from_secs(10);
+
+/// Traces (`OTEL_*`) and notifications (`AGENTQ_WEBHOOK_URL`, `AGENTQ_EVENT_BUS`) from
+/// the environment; the CLI writes no metrics.
+fn observability(deps: &Deps) -> Result<agentq_core::Observability, ProducerError> {
+    Ok(agentq_core::Observability::build(
+        &agentq_core::ObservabilityArgs::from_env(),
+        agentq_core::Service::Producer,
+        "default",
+        agentq_core::metrics::MetricsTarget::Off,
+        &deps.sdk,
+    )?)
+}
+
 /// Runs one parsed command.
 pub async fn run(cli: Cli, deps: &Deps) -> Result<Outcome, ProducerError> {
     let settings = Settings::from_args(&cli.settings)?;
@@ -348,12 +363,18 @@ pub async fn run(cli: Cli, deps: &Deps) -> Result<Outcome, ProducerError> {
     let base = Producer::from_sdk(&deps.sdk, settings);
     match cli.command {
         Command::Submit(args) => {
-            let producer = base.with_options(ProducerOptions {
-                offload_threshold: args.offload_threshold,
-                send_concurrency: args.concurrency.into(),
-                ..ProducerOptions::default()
-            });
-            submit(&producer, args, json).await
+            let obs = observability(deps)?;
+            let producer = base
+                .with_options(ProducerOptions {
+                    offload_threshold: args.offload_threshold,
+                    send_concurrency: args.concurrency.into(),
+                    ..ProducerOptions::default()
+                })
+                .with_observability(obs.clone());
+            let res = submit(&producer, args, json).await;
+            obs.flush(tokio::time::Instant::now() + OBSERVABILITY_FLUSH)
+                .await;
+            res
         }
         Command::Status(a) => {
             let rec = base.status(&a.job).await?;
@@ -388,7 +409,11 @@ pub async fn run(cli: Cli, deps: &Deps) -> Result<Outcome, ProducerError> {
             Ok(Outcome::Done)
         }
         Command::Cancel(a) => {
-            let outcome = base.cancel(&a.job).await?;
+            let obs = observability(deps)?;
+            let outcome = base.with_observability(obs.clone()).cancel(&a.job).await;
+            obs.flush(tokio::time::Instant::now() + OBSERVABILITY_FLUSH)
+                .await;
+            let outcome = outcome?;
             let (word, status, msg) = match outcome {
                 CancelOutcome::Cancelled => (
                     "cancelled",

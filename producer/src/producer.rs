@@ -11,18 +11,27 @@
 //! submitted: above the offload threshold they travel through S3, and a spec too large
 //! for a DynamoDB item ([`RECORD_SPEC_MAX_BYTES`]) is kept in its record as the pointer
 //! (the rule of [`agentq_core::payload::record_spec`], which agent and dispatcher follow).
+//!
+//! Each submitted job starts its trace here (a `agentq.submit` span whose context travels
+//! in the message's `traceparent` attribute) and notifies `QUEUED` once its message is
+//! on the queue; a cancel that ends a job notifies `CANCELLED`.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentq_core::layout::{attr, msg_attr};
+use agentq_core::notify::{Actor, JobEvent};
 use agentq_core::payload::{
     DEFAULT_OFFLOAD_THRESHOLD, PayloadPointer, RECORD_SPEC_MAX_BYTES, SIZE_ATTRIBUTE,
 };
 use agentq_core::record::{EpochMillis, now_ms};
 use agentq_core::spec::JobSpec;
 use agentq_core::store::CancelOutcome;
-use agentq_core::{AwsClients, JobId, JobRecord, JobState, JobStore, Settings, ValidSpec};
+use agentq_core::telemetry::{Span, SpanKind};
+use agentq_core::{
+    AwsClients, JobId, JobRecord, JobState, JobStore, Observability, Service, Settings, ValidSpec,
+};
 use aws_config::SdkConfig;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sqs::types::MessageAttributeValue;
@@ -132,6 +141,11 @@ pub(crate) struct Outgoing {
     pub dedup_id: Option<String>,
     pub delay_seconds: Option<i32>,
     pub offloaded: Option<Offloaded>,
+    /// The job's `agentq.submit` span: it ends when the last copy of the message is
+    /// dropped, after its send (and any rollback).
+    pub span: Arc<Mutex<Span>>,
+    /// The `QUEUED` notification, sent once the message is on the queue.
+    pub queued: JobEvent,
 }
 
 impl Outgoing {
@@ -187,6 +201,7 @@ pub struct Producer {
     pub(crate) clients: AwsClients,
     pub(crate) settings: Settings,
     pub(crate) opts: ProducerOptions,
+    pub(crate) obs: Observability,
 }
 
 impl Producer {
@@ -196,7 +211,15 @@ impl Producer {
             clients,
             settings,
             opts: ProducerOptions::default(),
+            obs: Observability::disabled(Service::Producer),
         }
+    }
+
+    /// Replaces the (default: disabled) tracer and notifier. Call
+    /// [`Observability::flush`] before the program exits.
+    pub fn with_observability(mut self, obs: Observability) -> Self {
+        self.obs = obs;
+        self
     }
 
     /// A producer with clients built from `sdk` (see [`agentq_core::load_sdk_config`]).
@@ -279,10 +302,16 @@ impl Producer {
             req = req.delay_seconds(d);
         }
         match req.send().await {
-            Ok(sent) => Ok(out.submitted(&queue_url, sent.message_id)),
+            Ok(sent) => {
+                self.queued(&out, sent.message_id.as_deref());
+                Ok(out.submitted(&queue_url, sent.message_id))
+            }
             Err(e) => {
                 let transient = agentq_core::aws::is_transient(&e);
                 let message = agentq_core::aws::display(&e);
+                if let Ok(mut s) = out.span.lock() {
+                    s.set_error(message.clone());
+                }
                 let record = self.unrecord(&store, &out, created_at).await;
                 Err(ProducerError::Send {
                     job_id: out.job_id,
@@ -455,6 +484,25 @@ impl Producer {
             msg_attr::JOB_ID.to_owned(),
             string_attr("String", job_id.as_str()),
         )]);
+        // The job's trace starts here; the agent continues it from the attribute.
+        let mut span = self
+            .obs
+            .telemetry
+            .span("agentq.submit", SpanKind::Producer, None);
+        span.set("agentq.job_id", job_id.as_str())
+            .set("messaging.system", "aws_sqs")
+            .set("messaging.operation", "publish");
+        if let Some(ctx) = span.context() {
+            attributes.insert(
+                msg_attr::TRACEPARENT.to_owned(),
+                string_attr("String", &ctx.traceparent()),
+            );
+        }
+        let mut queued = JobEvent::new(job_id.as_str(), JobState::Queued, Actor::Producer);
+        queued.at = created_at;
+        queued.tier = p.spec.spec.tier.clone();
+        queued.labels = p.spec.spec.labels.clone();
+        queued.trace_id = span.trace_id();
         let mut out = Outgoing {
             job_id: job_id.clone(),
             body: String::new(),
@@ -463,6 +511,8 @@ impl Producer {
             dedup_id: p.dedup_id,
             delay_seconds: p.delay_seconds,
             offloaded: None,
+            span: Arc::new(Mutex::new(span)),
+            queued,
         };
         let Some(PayloadPointer { bucket, key }) = pointer else {
             out.body = p.json;
@@ -507,6 +557,14 @@ impl Producer {
         out.attributes = attributes;
         out.offloaded = Some(Offloaded { bucket, key, size });
         Ok(out)
+    }
+
+    /// The message is on the queue: notify `QUEUED`, note the message id on the span.
+    pub(crate) fn queued(&self, out: &Outgoing, message_id: Option<&str>) {
+        if let (Ok(mut s), Some(id)) = (out.span.lock(), message_id) {
+            s.set("messaging.message.id", id);
+        }
+        self.obs.notifier.notify(out.queued.clone());
     }
 
     /// Undoes a record (and an offloaded payload) whose message was never sent.
@@ -558,10 +616,17 @@ impl Producer {
     /// runs; a running one gets its cancel flag set and the agent stops it at its next
     /// heartbeat; a finished one is left alone.
     pub async fn cancel(&self, job: &JobId) -> Result<CancelOutcome, ProducerError> {
-        Ok(self
+        let outcome = self
             .store()?
             .request_cancel(job, CANCELLED_BY, now_ms())
-            .await?)
+            .await?;
+        if outcome == CancelOutcome::Cancelled {
+            let mut ev = JobEvent::new(job.as_str(), JobState::Cancelled, Actor::Producer);
+            ev.cause = Some(agentq_core::FailureCause::Cancelled.kind().to_owned());
+            ev.reason = Some("cancelled before it started".into());
+            self.obs.notifier.notify(ev);
+        }
+        Ok(outcome)
     }
 
     /// The newest `limit` jobs in any of `states` (every state when empty).

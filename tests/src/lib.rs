@@ -8,10 +8,12 @@
 //! for the next test process; `localdev/down`-style cleanup is the test command's job.
 //!
 //! [`models`] runs scripted stand-ins for the model APIs and [`agent_clis`] installs the
-//! real Claude Code and Codex CLIs, for tests that run the real agents.
+//! real Claude Code and Codex CLIs, for tests that run the real agents. [`http_sink`] is
+//! a recording HTTP receiver (OTLP collector and webhook stand-in).
 
 pub mod agent_clis;
 pub mod faultproxy;
+pub mod http_sink;
 pub mod models;
 pub mod runtime_api;
 

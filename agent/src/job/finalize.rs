@@ -142,7 +142,10 @@ pub(super) async fn record_only(
     fin: Finish,
 ) -> Disposition {
     match final_write(deps, input, &fin).await {
-        Written::Yes => {}
+        Written::Yes => {
+            input.obs.recorded(&fin);
+            input.obs.finished(&fin, None, None);
+        }
         Written::LeaseLost => return Disposition::Ack,
         Written::No => return Disposition::Retry,
     }
@@ -207,6 +210,9 @@ pub(super) async fn finalize(
         final_write(deps, input, &fin).await
     };
     timings.final_write_ms = ms(t.elapsed());
+    if matches!(written, Written::Yes) {
+        input.obs.recorded(&fin);
+    }
 
     // 2. The checkpoint, when the next segment will need it.
     let t = Instant::now();
@@ -321,6 +327,7 @@ pub(super) async fn finalize(
         agent_version: env!("CARGO_PKG_VERSION"),
     };
     let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    let finalize_time = sup.child_ended.elapsed();
     let target = ObjectTarget {
         s3: &deps.clients.s3,
         bucket: &bucket,
@@ -346,11 +353,14 @@ pub(super) async fn finalize(
     ws.remove().await;
     drop(identity);
     tracing::info!(%job, attempt = %input.attempt, status = %state, margin_ms = margin.as_millis() as u64, "attempt recorded");
+    if matches!(written, Written::Yes) {
+        input.obs.finished(&fin, Some(finalize_time), Some(margin));
+    }
     disposition
 }
 
 /// Whether the final write landed.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Written {
     Yes,
     /// Another attempt owns the job: write nothing more.
@@ -428,7 +438,7 @@ async fn report_failure(
         fin.result_key.clone(),
         Some(input.message_id.clone()),
     );
-    if !send_failure(deps, &rec).await {
+    if !send_failure(deps, &rec, input.obs.context()).await {
         return Disposition::Retry;
     }
     if let Err(e) = deps.store.mark_failure_reported(job, input.attempt).await {
@@ -437,13 +447,18 @@ async fn report_failure(
     Disposition::Ack
 }
 
-/// Sends a failure record to the DLQ (the SDK retries transient errors).
-pub(crate) async fn send_failure(deps: &Deps, rec: &FailureRecord) -> bool {
+/// Sends a failure record to the DLQ (the SDK retries transient errors), with the job's
+/// trace context for the dispatcher to continue.
+pub(crate) async fn send_failure(
+    deps: &Deps,
+    rec: &FailureRecord,
+    trace: Option<agentq_core::telemetry::TraceContext>,
+) -> bool {
     let Ok(dlq) = deps.settings.dlq_url() else {
         tracing::error!("AGENTQ_DLQ_URL is not set: the failure record cannot be sent");
         return false;
     };
-    let sent = deps
+    let mut req = deps
         .clients
         .sqs
         .send_message()
@@ -456,9 +471,16 @@ pub(crate) async fn send_failure(deps: &Deps, rec: &FailureRecord) -> bool {
                 .string_value("failure")
                 .build()
                 .expect("data type is set"),
-        )
-        .send()
-        .await;
+        );
+    if let Some(t) = trace
+        && let Ok(v) = MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(t.traceparent())
+            .build()
+    {
+        req = req.message_attributes(msg_attr::TRACEPARENT, v);
+    }
+    let sent = req.send().await;
     match sent {
         Ok(_) => true,
         Err(e) => {

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Deps;
 use crate::handler::Disposition;
 use crate::isolation::RunningJob;
+use crate::observe::AttemptObs;
 
 pub(crate) use finalize::send_failure;
 pub use signals::{CliSignal, detect_signal};
@@ -52,6 +53,8 @@ pub struct RunInput<'a> {
     pub visibility: Option<VisibilityLease>,
     pub shutdown: CancellationToken,
     pub message_id: String,
+    /// The attempt's span, metrics and notifications.
+    pub obs: &'a AttemptObs,
 }
 
 /// Why the child was stopped before it ended by itself.
@@ -77,19 +80,43 @@ pub async fn run(deps: &Arc<Deps>, input: RunInput<'_>) -> Disposition {
     };
     let segment = input.record.segment.max(1);
     let running = RunningJob::enter();
-    let prepared = match prepare::prepare(deps, &input, segment).await {
+    let mut span = input.obs.span("agentq.prepare");
+    let mut prepared = match prepare::prepare(deps, &input, segment).await {
         Ok(p) => p,
-        Err(fin) => return finalize::record_only(deps, &input, segment, *fin).await,
+        Err(fin) => {
+            span.set_error(fin.reason.clone());
+            drop(span);
+            return finalize::record_only(deps, &input, segment, *fin).await;
+        }
     };
+    span.end();
+    // The child's own telemetry (Claude Code's) joins the trace under the child span.
+    let mut span = input.obs.span("agentq.child");
+    span.set("process.executable.name", prepared.child.program.as_str());
+    let (env, redact) = input.obs.child_env(&span, input.spec.spec.agent);
+    prepared.child.env.extend(env);
+    prepared.secret_values.extend(redact);
     let supervised =
         match supervise::supervise(deps, &input, &prepared, &running, clock.started).await {
             Ok(s) => s,
             Err(fin) => {
+                span.set_error(fin.reason.clone());
+                drop(span);
                 drop(prepared);
                 return finalize::record_only(deps, &input, segment, *fin).await;
             }
         };
-    finalize::finalize(deps, &input, prepared, supervised, clock, segment).await
+    if let Some(code) = supervised.ended.code {
+        span.set("process.exit.code", code);
+    }
+    if let Some(stop) = supervised.stop {
+        span.set("agentq.stop_reason", format!("{stop:?}").to_lowercase());
+    }
+    span.end();
+    let span = input.obs.span("agentq.finalize");
+    let disposition = finalize::finalize(deps, &input, prepared, supervised, clock, segment).await;
+    span.end();
+    disposition
 }
 
 /// Ends a claimed attempt without running it (e.g. its recorded spec could not be read).
