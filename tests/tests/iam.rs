@@ -298,6 +298,13 @@ async fn stack(moto: &Moto) -> Stack {
         ],
         &creds_env,
     );
+    // The suite is about the template's own IAM: a stack the emulator refused (and the
+    // provisioner's boto3 fallback) would test nothing.
+    let provisioned: Value = serde_json::from_str(&out).expect("outputs json");
+    assert_eq!(
+        provisioned["ProvisionedBy"], "cloudformation",
+        "infra/template.yaml did not deploy on the emulator (see the provisioner's log above)"
+    );
     let outputs = dir.path().join("outputs.json");
     std::fs::write(&outputs, &out).expect("write outputs");
     let creds = python(
