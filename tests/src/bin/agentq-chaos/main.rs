@@ -413,7 +413,7 @@ async fn run_on(
     // The sweep on the run's scale: a RUNNING job whose lease went stale and whose
     // message would have been back within the horizon is stranded after a few seconds.
     let sweep = format!(
-        "\n[sweep]\nvisibility_horizon = \"{}s\"\nmargin = \"3s\"\nqueued_after = \"30s\"\n",
+        "\n[sweep]\nvisibility_horizon = \"{}s\"\nmargin = \"3s\"\nqueued_after = \"17m\"\n",
         s.visibility_horizon_seconds
     );
     tokio::fs::write(&policy, format!("{POLICY}{sweep}")).await?;
