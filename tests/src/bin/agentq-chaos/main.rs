@@ -620,6 +620,13 @@ async fn run_on(
         if now >= next_look {
             next_look = now + Duration::from_secs(2);
             for (role, status) in fleet.restart_exited().await? {
+                // Exit code 2 is a usage or configuration error: the run would measure a
+                // fleet without that process, so the harness itself fails.
+                anyhow::ensure!(
+                    !status.ends_with("exit status: 2"),
+                    "{role} refused its configuration ({status}); see its log under {}",
+                    out.join("logs").display()
+                );
                 unexpected_exits.push(format!("{role} exited by itself ({status})"));
             }
             if all_terminal(&store, &job_ids).await {
@@ -658,6 +665,13 @@ async fn run_on(
             break;
         }
         for (role, status) in fleet.restart_exited().await? {
+            // Exit code 2 is a usage or configuration error: the run would measure a
+            // fleet without that process, so the harness itself fails.
+            anyhow::ensure!(
+                !status.ends_with("exit status: 2"),
+                "{role} refused its configuration ({status}); see its log under {}",
+                out.join("logs").display()
+            );
             unexpected_exits.push(format!("{role} exited by itself ({status})"));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
