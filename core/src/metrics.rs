@@ -146,6 +146,26 @@ impl Document {
         self
     }
 
+    /// The fields that name one run of a job (never dimensions): the event, the job, its
+    /// attempt and segment, and the trace when there is one.
+    pub fn run_fields(
+        &mut self,
+        event: &str,
+        job_id: &str,
+        attempt: u32,
+        segment: u32,
+        trace_id: Option<&str>,
+    ) -> &mut Self {
+        self.property("event", event)
+            .property("job_id", job_id)
+            .property("attempt", attempt)
+            .property("segment", segment);
+        if let Some(t) = trace_id {
+            self.property("trace_id", t);
+        }
+        self
+    }
+
     /// Starts a metric directive over these dimension sets; returns its index.
     pub fn directive(&mut self, dimension_sets: &[&[&'static str]]) -> usize {
         self.directives.push(Directive {
@@ -319,13 +339,13 @@ impl Metrics {
         if let Some(w) = e.queue_wait {
             d.metric(per_tier, name::QUEUE_WAIT, ms(w), Unit::Milliseconds);
         }
-        d.property("event", "job_started")
-            .property("job_id", e.job_id)
-            .property("attempt", e.attempt)
-            .property("segment", e.segment);
-        if let Some(t) = &e.trace_id {
-            d.property("trace_id", t.as_str());
-        }
+        d.run_fields(
+            "job_started",
+            e.job_id,
+            e.attempt,
+            e.segment,
+            e.trace_id.as_deref(),
+        );
         self.emit(&d);
     }
 
@@ -370,13 +390,13 @@ impl Metrics {
         if let Some(m) = e.deadline_margin {
             d.metric(per_tier, name::DEADLINE_MARGIN, ms(m), Unit::Milliseconds);
         }
-        d.property("event", "job_finished")
-            .property("job_id", e.job_id)
-            .property("attempt", e.attempt)
-            .property("segment", e.segment);
-        if let Some(t) = &e.trace_id {
-            d.property("trace_id", t.as_str());
-        }
+        d.run_fields(
+            "job_finished",
+            e.job_id,
+            e.attempt,
+            e.segment,
+            e.trace_id.as_deref(),
+        );
         self.emit(&d);
     }
 
